@@ -1,0 +1,27 @@
+# make demo: GRPO on the built-in tiny Wan2.2 model (CPU, a few minutes).  make test: the test suite.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# Without CUDA, install the CPU torch wheel first so nothing pulls a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+DEMO_DIR  ?= runs/demo
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/wan-grpo sample --task tiny --sample_solver sde --output $(DEMO_DIR)/sample.mp4
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

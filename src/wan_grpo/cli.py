@@ -1,0 +1,55 @@
+"""Command line: ``wan-grpo sample`` and ``wan-grpo train``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from wan_grpo.config import SampleConfig, add_config_arguments, build_config
+from wan_grpo.errors import UserError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line that names the fix (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"wan-grpo: error: {message}; see '{self.prog} --help'\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wan_grpo.grpo.config import TrainConfig
+
+    parser = OneLineParser(prog="wan-grpo", description="GRPO reinforcement learning for Wan2.2 video models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    p_sample = sub.add_parser("sample", help="Generate one video (unipc, euler or sde solver).",
+                              description="Generate one video from a prompt.")
+    add_config_arguments(p_sample, SampleConfig)
+    p_train = sub.add_parser("train", help="GRPO training (the main job).",
+                             description="GRPO training of one or both Wan2.2 experts.")
+    p_train.add_argument("--config", help="YAML file whose keys are these flags' names (flags override it).")
+    add_config_arguments(p_train, TrainConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "sample":
+            from wan_grpo.sample import run_sample
+
+            run_sample(build_config(SampleConfig, args))
+        else:
+            from wan_grpo.grpo.config import TrainConfig
+            from wan_grpo.grpo.trainer import train
+
+            train(build_config(TrainConfig, args, config_file=getattr(args, "config", None)))
+    except UserError as exc:
+        print(f"wan-grpo: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Typed configs. Each field is a CLI flag (``--name``) and a YAML key (``name``) with one help text.
+
+Flags override the YAML file given with ``--config``; unknown keys are an error that names the
+closest valid key. ``None`` defaults are filled from the model preset (see presets.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from wan_grpo.errors import UserError
+
+
+def opt(default, help: str, *, choices=None, type=None):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if type is not None:
+        meta["type"] = type
+    return field(default=default, metadata=meta)
+
+
+TASKS = ("tiny", "t2v-A14B", "i2v-A14B", "ti2v-5B")
+
+
+@dataclass
+class ModelConfig:
+    task: str | None = opt(None, "Model preset: tiny, t2v-A14B, i2v-A14B or ti2v-5B. Default: tiny without "
+                                 "--ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
+    ckpt_dir: str | None = opt(None, "Diffusers-format Wan2.2 directory (with model_index.json).")
+    device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
+    dtype: str = opt("auto", "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
+                     choices=("auto", "bf16", "fp16", "fp32"))
+    seed: int = opt(0, "Random seed (initial noise as diffusers' WanPipeline with Generator('cpu').manual_seed).")
+    size: str | None = opt(None, "Video size W*H, e.g. 832*480. Default: the preset's.")
+    frame_num: int | None = opt(None, "Frames per video (4k+1). Default: the preset's.")
+    fps: int | None = opt(None, "Frames per second of written videos. Default: the preset's.")
+    sampling_steps: int | None = opt(None, "Denoising steps. Default: the preset's.")
+    sample_shift: float | None = opt(None, "Flow shift of the sigma schedule. Default: the checkpoint's "
+                                            "scheduler config, or the preset's for --task tiny.")
+    guidance_scale: float | None = opt(None, "CFG scale of the high-noise expert (transformer). Default: preset.")
+    guidance_scale_2: float | None = opt(None, "CFG scale of the low-noise expert (transformer_2). Default: "
+                                                "preset, else --guidance_scale.")
+    negative_prompt: str = opt("", "Negative prompt for CFG (diffusers' default: empty).")
+    sde_type: str = opt("flow", "SDE of stochastic steps: flow (Flow-GRPO), dance (DanceGRPO), cps.",
+                        choices=("flow", "dance", "cps"))
+    noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO 0.7; DanceGRPO eta ~0.25-0.3).")
+
+
+@dataclass
+class SampleConfig(ModelConfig):
+    prompt: str = opt("A cat walking in snow", "Text prompt.")
+    sample_solver: str = opt("unipc", "unipc (as WanPipeline), euler (ODE) or sde (stochastic).",
+                             choices=("unipc", "euler", "sde"))
+    output: str = opt("sample.mp4", "Output mp4 path.")
+    save_latents: str | None = opt(None, "Also write the final latents (before VAE decode) to this "
+                                         ".safetensors file under the key 'latents'.")
+
+
+def _field_type(f: dataclasses.Field, hints: dict):
+    if "type" in f.metadata:
+        return f.metadata["type"]
+    hint = hints[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    return base
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One ``--name`` flag per field; defaults are left unset so the YAML file can fill them."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = _field_type(f, hints)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kwargs["type"] = kind
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kwargs)
+
+
+def _check_keys(cls, keys, origin: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in keys:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "see wan-grpo --help for the valid keys"
+            raise UserError(f"unknown config key {key!r} in {origin}; {hint}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {p} does not exist; pass a YAML file of flag names and values")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {p} is not valid YAML ({exc.__class__.__name__}); fix the file") from exc
+    if not isinstance(data, dict):
+        raise UserError(f"--config {p} must be a mapping of flag names to values")
+    return data
+
+
+def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None = None):
+    """Dataclass from defaults < YAML file < command-line flags."""
+    values: dict = {}
+    if config_file:
+        data = load_yaml(config_file)
+        _check_keys(cls, data, config_file)
+        values.update(data)
+    flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config", "func")}
+    _check_keys(cls, flags, "the command line")
+    values.update(flags)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values and values[f.name] is not None:
+            values[f.name] = _coerce(f, hints, values[f.name])
+    return cls(**values)
+
+
+def _coerce(f, hints, value):
+    kind = _field_type(f, hints)
+    choices = f.metadata.get("choices")
+    try:
+        if kind is bool and not isinstance(value, bool):
+            value = _parse_bool(value)
+        elif kind in (int, float, str) and not isinstance(value, kind):
+            value = kind(value)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        raise UserError(f"{f.name}: cannot read {value!r} as {kind.__name__}; fix that value") from exc
+    if choices is not None and value not in choices:
+        raise UserError(f"{f.name}: {value!r} is not one of {', '.join(map(str, choices))}")
+    return value
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """'W*H' -> (width, height)."""
+    try:
+        w, h = (int(x) for x in str(size).lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise UserError(f"--size {size!r} is not W*H; write it as e.g. 832*480") from None
+    return w, h
+
+
+def die(message: str, code: int = 2) -> typing.NoReturn:
+    print(f"wan-grpo: error: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,64 @@
+"""``wan-grpo train`` settings: the design sketch's flags (same names and meanings) plus ours."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wan_grpo.config import ModelConfig, opt
+
+
+@dataclass
+class TrainConfig(ModelConfig):
+    # Data
+    prompts: str | None = opt(None, "Prompt file: .txt (one per line) or .jsonl with a 'prompt' field. "
+                                    "Default: the design sketch's five prompts.")
+    num_epochs: int = opt(5, "Passes over the prompt set.")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).")
+    batch_size: int = opt(1, "Prompts per rollout.")
+    num_generations: int = opt(8, "Videos sampled per prompt (the GRPO group size).")
+    # Rewards and advantages
+    reward: str | None = opt(None, "Rewards as NAME[:WEIGHT],... (brightness, colorfulness, smoothness, "
+                                   "motion, videoalign). Default: brightness for --task tiny, else videoalign.")
+    reward_model_path: str | None = opt(None, "VideoAlign (VideoReward) checkpoint directory.")
+    vq_coef: float = opt(1.0, "VideoAlign visual-quality coefficient.")
+    mq_coef: float = opt(0.0, "VideoAlign motion-quality coefficient.")
+    ta_coef: float = opt(0.0, "VideoAlign text-alignment coefficient.")
+    adv_clip_max: float = opt(5.0, "Clip advantages to +-this.")
+    global_std: bool = opt(False, "Normalise by the std of the whole batch instead of each group's.")
+    drop_zero_std_groups: bool = opt(False, "Skip groups whose rewards are all equal (counted in metrics).")
+    best_of_n: int = opt(0, "Train on the top n/2 and bottom n/2 of each group (DanceGRPO); 0: all.")
+    # Rollout
+    sde_window: str | None = opt(None, "Steps START:END (half-open) that take SDE steps and are trained; "
+                                       "Euler elsewhere (Flow-GRPO-Fast, MixGRPO). Default: all steps.")
+    share_noise: bool = opt(False, "Same initial noise for every sample of a group (DanceGRPO).")
+    rollout_batch_size: int = opt(0, "Samples per model call in rollouts (0: all at once).")
+    trajectory_dtype: str = opt("fp32", "dtype of stored trajectory latents.", choices=("fp32", "bf16"))
+    trajectory_on_cpu: bool = opt(False, "Keep stored trajectories in CPU memory.")
+    # Policy update
+    train_experts: str = opt("high,low", "Experts to train: high (transformer), low (transformer_2) or both.")
+    timestep_fraction: float = opt(1.0, "Fraction of each sample's trainable steps replayed per update.")
+    clip_range: float = opt(1e-4, "PPO clip range epsilon.")
+    kl_coef: float = opt(0.0, "Weight of the KL to the reference policy (LoRA: adapters disabled).")
+    optimizer_steps_per_rollout: int = opt(1, "Optimizer steps per rollout (1: the rollout is one step).")
+    train_batch_size: int = opt(4, "Transitions (sample, step) per forward/backward micro-batch.")
+    learning_rate: float = opt(8e-6, "AdamW learning rate of the high-noise expert.")
+    learning_rate_2: float | None = opt(None, "Learning rate of the low-noise expert (default: --learning_rate).")
+    weight_decay: float = opt(1e-4, "AdamW weight decay.")
+    warmup_steps: int = opt(0, "Linear warmup steps, then constant.")
+    max_grad_norm: float = opt(1.0, "Clip each expert's gradient norm to this (0: off).")
+    lora_rank: int = opt(32, "LoRA rank on each trained expert; 0: full fine-tuning.")
+    lora_alpha: float = opt(64.0, "LoRA alpha.")
+    lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
+                                   "Comma-separated module names that get LoRA adapters.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    # Distributed (see docs): accepted for the sketch's command lines
+    t5_fsdp: bool = opt(False, "Shard the text encoder with FSDP2 under torchrun.")
+    dit_fsdp: bool = opt(False, "Shard both experts with FSDP2 under torchrun.")
+    ulysses_size: int = opt(1, "Ulysses sequence-parallel degree (CUDA only).")
+    # Output
+    save_dir: str = opt("./grpo_checkpoints", "Run directory: metrics, samples, checkpoints, config.yaml.")
+    save_interval: int = opt(0, "Checkpoint every N steps (0: only at the end).")
+    sample_interval: int = opt(0, "Write the first rollout video of every N-th step to samples/ (0: off).")
+    log_interval: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).")
+    resume: str | None = opt(None, "auto (newest complete checkpoint in --save_dir) or a checkpoint path.")
+    tensorboard: bool = opt(True, "Also log metrics to TensorBoard under SAVE_DIR/tb.")

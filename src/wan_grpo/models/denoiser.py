@@ -1,0 +1,102 @@
+"""The one place that turns (latents, t, prompt) into a velocity: expert routing plus CFG.
+
+Rollout and training both call ``MoEDenoiser.predict_velocity``, so they cannot disagree on
+which expert or which guidance scale a step used.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+HIGH, LOW = 0, 1
+EXPERT_NAMES = ("high", "low")
+
+
+def expert_for_timestep(t: float, *, boundary_ratio: float | None, num_train_timesteps: int = 1000) -> int:
+    """HIGH (``transformer``) when t >= boundary_ratio * num_train_timesteps, else LOW, as WanPipeline."""
+    if boundary_ratio is None or float(t) >= boundary_ratio * num_train_timesteps:
+        return HIGH
+    return LOW
+
+
+class MoEDenoiser:
+    """Routes each step to its expert and applies classifier-free guidance in one batched call."""
+
+    def __init__(self, components, *, guidance_scale: float, guidance_scale_2: float | None = None,
+                 autocast_dtype: torch.dtype | None = None):
+        self.components = components
+        self.experts = (components.transformer, components.transformer_2)
+        self.boundary_ratio = components.boundary_ratio
+        self.num_train_timesteps = components.num_train_timesteps
+        self.expand_timesteps = components.expand_timesteps
+        g2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
+        self.guidance = (float(guidance_scale), float(g2))
+        self.autocast_dtype = autocast_dtype
+
+    def expert_index(self, t: float) -> int:
+        idx = expert_for_timestep(t, boundary_ratio=self.boundary_ratio, num_train_timesteps=self.num_train_timesteps)
+        if self.experts[idx] is None:  # a dense checkpoint keeps its only model in one slot
+            idx = 1 - idx
+        return idx
+
+    def uses_cfg(self, expert: int) -> bool:
+        return self.guidance[expert] > 1.0
+
+    def _timestep(self, t: torch.Tensor, latents: torch.Tensor, patch_size) -> torch.Tensor:
+        if not self.expand_timesteps:
+            return t
+        # TI2V-5B: one timestep per token; with no conditioning image every token gets t.
+        _, _, f, h, w = latents.shape
+        seq_len = (f // patch_size[0]) * (h // patch_size[1]) * (w // patch_size[2])
+        return t[:, None].expand(-1, seq_len)
+
+    def predict_velocity(
+        self,
+        latents: torch.Tensor,
+        t: float | torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        *,
+        expert: int | None = None,
+    ) -> torch.Tensor:
+        """Velocity (B, C, F, H, W) in float32. All B samples share one expert.
+
+        ``t`` is a float or a (B,) tensor; cond and uncond run as one batch of 2B.
+        """
+        batch = latents.shape[0]
+        t = torch.as_tensor(t, dtype=torch.float32, device=latents.device)
+        if t.ndim == 0:
+            t = t.expand(batch)
+        if expert is None:
+            expert = self.expert_index(float(t[0]))
+        model = self.experts[expert]
+        dtype = model.dtype
+        x = latents.to(dtype)
+        cfg = self.uses_cfg(expert)
+        if cfg:
+            if negative_embeds is None:
+                raise ValueError("guidance_scale > 1 needs negative prompt embeddings")
+            x = torch.cat([x, x])
+            context = torch.cat([prompt_embeds, negative_embeds])
+            t_in = torch.cat([t, t])
+        else:
+            context, t_in = prompt_embeds, t
+        autocast = (
+            torch.autocast(device_type=latents.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else nullcontext()
+        )
+        with autocast:
+            out = model(
+                hidden_states=x,
+                timestep=self._timestep(t_in, x, model.config.patch_size),
+                encoder_hidden_states=context.to(dtype),
+                return_dict=False,
+            )[0]
+        out = out.float()
+        if cfg:
+            cond, uncond = out.chunk(2)
+            return uncond + self.guidance[expert] * (cond - uncond)
+        return out

@@ -1,0 +1,21 @@
+"""Latents -> uint8 frames with the Wan VAE, normalised exactly as WanPipeline decodes them."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor, *, micro_batch: int = 1) -> torch.Tensor:
+    """(B, z, F', H', W') latents -> (B, F, H, W, 3) uint8 frames on CPU."""
+    device = next(vae.parameters()).device
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=vae.dtype).view(1, z, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device, dtype=vae.dtype).view(1, z, 1, 1, 1)
+    videos = []
+    for chunk in latents.split(max(1, micro_batch)):
+        x = chunk.to(device, vae.dtype) * std + mean
+        video = vae.decode(x, return_dict=False)[0]  # (b, 3, F, H, W) in [-1, 1]
+        video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        videos.append(video.permute(0, 2, 3, 4, 1).cpu())
+    return torch.cat(videos)

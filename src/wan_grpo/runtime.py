@@ -1,0 +1,107 @@
+"""Turn a ModelConfig into a loaded model on a device, with preset defaults filled in."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from wan_grpo.errors import UserError
+from wan_grpo.presets import PRESETS, infer_task
+
+log = logging.getLogger("wan_grpo")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for CUDA but none is available; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def cast_keeping_fp32(model, dtype: torch.dtype) -> None:
+    """Cast to ``dtype`` but keep the modules a diffusers model marks fp32-only in float32."""
+    if dtype == torch.float32:
+        return
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    # Name matching as diffusers' from_pretrained does it: a substring of the parameter's name.
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if any(k in name for k in keep) else dtype)
+
+
+def load_model(cfg, *, load_text_encoder: bool = True):
+    """(components, cfg with every None default filled). The models stay on CPU until placed."""
+    from wan_grpo.models.loading import inspect_checkpoint, load_components
+    from wan_grpo.models.tiny import build_tiny_components
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    task = cfg.task
+    if cfg.ckpt_dir is None:
+        if task not in (None, "tiny"):
+            raise UserError(f"--task {task} needs --ckpt_dir pointing at its diffusers-format checkpoint")
+        task = "tiny"
+        components = build_tiny_components(0)  # the model is fixed; --seed drives sampling
+        for expert in components.experts.values():
+            cast_keeping_fp32(expert, dtype)
+    else:
+        if task == "tiny":
+            raise UserError("--task tiny builds its own model; drop --ckpt_dir or pass the checkpoint's task")
+        index = inspect_checkpoint(cfg.ckpt_dir)
+        task = task or infer_task(index)
+        components = load_components(cfg.ckpt_dir, dtype=dtype, load_text_encoder=load_text_encoder)
+    preset = PRESETS[task]
+    shift = cfg.sample_shift
+    if shift is None:
+        shift = preset.shift if cfg.ckpt_dir is None else components.default_shift
+        if cfg.ckpt_dir is not None and shift != preset.shift:
+            log.info("shift %.1f from the checkpoint's scheduler config (official %s: %.1f; set --sample_shift)",
+                     shift, task, preset.shift)
+    filled = dataclasses.replace(
+        cfg,
+        task=task,
+        size=cfg.size or preset.size,
+        frame_num=cfg.frame_num or preset.frame_num,
+        fps=cfg.fps or preset.fps,
+        sampling_steps=cfg.sampling_steps or preset.sampling_steps,
+        sample_shift=shift,
+        guidance_scale=preset.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale,
+        guidance_scale_2=(
+            cfg.guidance_scale_2
+            if cfg.guidance_scale_2 is not None
+            else (preset.guidance_scale_2 if cfg.guidance_scale is None else cfg.guidance_scale)
+        ),
+    )
+    return components, filled, device, dtype
+
+
+def place(components, device: torch.device) -> None:
+    """Move every loaded module to ``device``."""
+    for module in (components.transformer, components.transformer_2, components.vae, components.text_encoder):
+        if module is not None:
+            module.to(device)
+
+
+def encode_all(components, prompts: list[str], negative_prompt: str, *, device, dtype):
+    """Cache the embeddings of every prompt and the negative prompt, then free the text encoder."""
+    from wan_grpo.models.text import PromptEmbeddingCache
+
+    cache = PromptEmbeddingCache(device=device, dtype=dtype)
+    components.text_encoder.to(device)
+    cache.add(list(prompts) + [negative_prompt], components.tokenizer, components.text_encoder)
+    components.drop_text_encoder()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return cache

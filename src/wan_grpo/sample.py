@@ -1,0 +1,53 @@
+"""``wan-grpo sample``: one video from one prompt, with any solver."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from wan_grpo.config import SampleConfig, parse_size
+from wan_grpo.models.denoiser import MoEDenoiser
+from wan_grpo.models.vae import decode_latents
+from wan_grpo.runtime import encode_all, load_model, place
+from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
+from wan_grpo.video import write_mp4
+
+log = logging.getLogger("wan_grpo")
+
+
+def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor:
+    """Final latents (1, z, F', H', W') for ``cfg.prompt``, noise drawn as WanPipeline draws it."""
+    width, height = parse_size(cfg.size)
+    shape = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
+    sampler = SamplerConfig(solver=cfg.sample_solver, steps=cfg.sampling_steps, shift=cfg.sample_shift,
+                            sde_type=cfg.sde_type, noise_level=cfg.noise_level)
+    cache = encode_all(components, [cfg.prompt], cfg.negative_prompt, device=device, dtype=dtype)
+    place(components, device)
+    denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    noise = initial_noise(shape, generator=generator, device=device)
+    cond, uncond = cache.get([cfg.prompt]), cache.get([cfg.negative_prompt])
+    if sampler.solver == "unipc":
+        return sample_unipc(denoiser, noise, cond, uncond, config=sampler,
+                            scheduler_config=components.scheduler_config)
+    latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, generator=generator, record=False)
+    return latents
+
+
+def run_sample(cfg: SampleConfig) -> Path:
+    components, cfg, device, dtype = load_model(cfg)
+    log.info("sampling %s with %s: %s, %d frames, %d %s steps, shift %.1f, guidance %.1f/%.1f",
+             cfg.task, components.source, cfg.size, cfg.frame_num, cfg.sampling_steps, cfg.sample_solver,
+             cfg.sample_shift, cfg.guidance_scale, cfg.guidance_scale_2)
+    latents = sample_latents(cfg, components, device, dtype)
+    if cfg.save_latents:
+        Path(cfg.save_latents).parent.mkdir(parents=True, exist_ok=True)
+        save_file({"latents": latents.float().cpu().contiguous()}, cfg.save_latents)
+        log.info("latents -> %s", cfg.save_latents)
+    frames = decode_latents(components.vae, latents)[0]
+    out = write_mp4(cfg.output, frames.numpy(), fps=cfg.fps)
+    print(f"wrote {out} ({frames.shape[0]} frames, {frames.shape[2]}x{frames.shape[1]})")
+    return out

@@ -1,0 +1,238 @@
+"""Denoising loops: plain sampling (unipc / euler / sde) and recorded group rollouts for GRPO.
+
+A rollout records, per sample, the T+1 latents once (in a chosen dtype and device) and the
+log-prob of every transition; model predictions are never stored, training recomputes them.
+Sigmas, timesteps and the expert of each step are shared by all samples of a rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from wan_grpo.errors import UserError
+from wan_grpo.sampling.schedule import SOLVERS, flow_match_schedule, sde_window_mask, unipc_scheduler
+from wan_grpo.sampling.sde import SDE_KINDS, gaussian_log_prob, sde_step
+
+
+@dataclass
+class SamplerConfig:
+    solver: str = "sde"  # unipc | euler | sde
+    steps: int = 20
+    shift: float = 5.0
+    sde_type: str = "flow"  # flow | dance | cps
+    noise_level: float = 0.7
+    sde_window: tuple[int, int] | None = None  # [start, end) step indices taking SDE steps
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise UserError(f"unknown solver {self.solver!r}; use --sample_solver one of {', '.join(SOLVERS)}")
+        if self.sde_type not in SDE_KINDS or self.sde_type == "ode":
+            raise UserError(f"unknown --sde_type {self.sde_type!r}; use one of flow, dance, cps")
+        if self.steps < 1:
+            raise UserError(f"--sampling_steps must be >= 1, got {self.steps}")
+        if self.sde_window is not None:
+            start, end = self.sde_window
+            if not (0 <= start < end <= self.steps):
+                raise UserError(
+                    f"--sde_window {start}:{end} must satisfy 0 <= start < end <= --sampling_steps ({self.steps})"
+                )
+
+
+@dataclass
+class Trajectory:
+    latents: torch.Tensor  # (B, T+1, C, F, H, W) in the storage dtype/device
+    log_probs: torch.Tensor  # (B, T) float32; 0 on deterministic steps
+    sigmas: torch.Tensor  # (T+1,)
+    timesteps: torch.Tensor  # (T,)
+    experts: torch.Tensor  # (T,) long: 0 = high-noise (transformer), 1 = low-noise (transformer_2)
+    trainable: torch.Tensor  # (T,) bool: stochastic steps (SDE window and std > 0)
+    sde_type: str = "flow"
+    noise_level: float = 0.7
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[1]) if len(self.sigmas) > 1 else 1.0
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+    def select(self, index: torch.Tensor | list[int]) -> "Trajectory":
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Trajectory(
+            latents=self.latents[index.to(self.latents.device)],
+            log_probs=self.log_probs[index.to(self.log_probs.device)],
+            sigmas=self.sigmas, timesteps=self.timesteps, experts=self.experts, trainable=self.trainable,
+            sde_type=self.sde_type, noise_level=self.noise_level, extras=dict(self.extras),
+        )
+
+    @staticmethod
+    def concat(parts: list["Trajectory"]) -> "Trajectory":
+        first = parts[0]
+        return Trajectory(
+            latents=torch.cat([p.latents for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            sigmas=first.sigmas, timesteps=first.timesteps, experts=first.experts, trainable=first.trainable,
+            sde_type=first.sde_type, noise_level=first.noise_level, extras=dict(first.extras),
+        )
+
+
+def latent_shape(components, *, width: int, height: int, frame_num: int, batch: int = 1) -> tuple[int, ...]:
+    """(B, z, (F-1)//4+1, H//8, W//8) as diffusers' WanPipeline, after validating the size."""
+    validate_video_size(components, width=width, height=height, frame_num=frame_num)
+    s, tstride = components.vae_scale_factor_spatial, components.vae_scale_factor_temporal
+    z = int(components.vae.config.z_dim)
+    return (batch, z, (frame_num - 1) // tstride + 1, height // s, width // s)
+
+
+def validate_video_size(components, *, width: int, height: int, frame_num: int) -> None:
+    s, tstride = components.vae_scale_factor_spatial, components.vae_scale_factor_temporal
+    patch = components.any_transformer.config.patch_size
+    mh, mw = s * patch[1], s * patch[2]
+    if width <= 0 or height <= 0 or width % mw or height % mh:
+        raise UserError(
+            f"--size {width}*{height} is not divisible by the VAE stride times patch size ({mw}*{mh}); "
+            f"use e.g. {max(mw, width // mw * mw)}*{max(mh, height // mh * mh)}"
+        )
+    if frame_num < 1 or (frame_num - 1) % tstride:
+        fixed = max(1, (frame_num - 1) // tstride * tstride + 1)
+        raise UserError(f"--frame_num {frame_num} is not {tstride}k+1; use e.g. {fixed}")
+
+
+def initial_noise(shape: tuple[int, ...], *, generator: torch.Generator | None, device) -> torch.Tensor:
+    """float32 noise drawn as WanPipeline.prepare_latents draws it."""
+    return randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+
+
+@torch.no_grad()
+def sample_unipc(denoiser, noise, prompt_embeds, negative_embeds, *, config: SamplerConfig, scheduler_config=None):
+    """Deterministic UniPC sampling (flow prediction), for evaluation and plain sampling only."""
+    scheduler = unipc_scheduler(shift=config.shift, base_config=scheduler_config)
+    scheduler.set_timesteps(config.steps, device=noise.device)
+    scheduler.set_begin_index(0)
+    latents = noise
+    for t in scheduler.timesteps:
+        v = denoiser.predict_velocity(latents, float(t), prompt_embeds, negative_embeds)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+    return latents
+
+
+@torch.no_grad()
+def rollout(
+    denoiser,
+    noise: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    *,
+    config: SamplerConfig,
+    generator: torch.Generator | None = None,
+    record: bool = True,
+    storage_dtype: torch.dtype = torch.float32,
+    storage_device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, Trajectory | None]:
+    """Euler/SDE sampling from ``noise`` (B, C, F, H, W). Returns final latents and the trajectory.
+
+    Steps outside ``config.sde_window`` (and every step for ``euler``) are Euler steps. With
+    ``record``, each sampled latent is rounded to ``storage_dtype`` before its log-prob is taken
+    and before the next step starts, so re-evaluating the stored transition reproduces it.
+    """
+    if config.solver == "unipc":
+        raise ValueError("UniPC has no transition density; use sample_unipc for plain sampling")
+    schedule = flow_match_schedule(config.steps, shift=config.shift)
+    sigmas, timesteps = schedule.sigmas, schedule.timesteps
+    stochastic = sde_window_mask(config.steps, config.sde_window) & (config.solver == "sde")
+    if config.noise_level == 0:
+        stochastic[:] = False
+    experts = torch.tensor([denoiser.expert_index(float(t)) for t in timesteps], dtype=torch.long)
+    storage_device = torch.device(storage_device) if storage_device is not None else noise.device
+
+    latents = noise.float()
+    if record:  # the model must see exactly what is stored, the noise included
+        latents = latents.to(storage_dtype).float()
+    stored = [latents.to(storage_device, storage_dtype)] if record else None
+    log_probs = []
+    trainable = torch.zeros(config.steps, dtype=torch.bool)
+    for i in range(config.steps):
+        v = denoiser.predict_velocity(latents, float(timesteps[i]), prompt_embeds, negative_embeds,
+                                      expert=int(experts[i]))
+        kind = config.sde_type if stochastic[i] else "ode"
+        out = sde_step(v, latents, float(sigmas[i]), float(sigmas[i + 1]), kind=kind,
+                       noise_level=config.noise_level, generator=generator, sigma_max=float(sigmas[1]))
+        next_latents, log_prob = out.next_latents, out.log_prob
+        trainable[i] = bool((out.std > 0).all())
+        if record and storage_dtype != next_latents.dtype:
+            next_latents = next_latents.to(storage_dtype).float()
+            log_prob = gaussian_log_prob(next_latents, out.mean, out.std)
+        if record:
+            stored.append(next_latents.to(storage_device, storage_dtype))
+            log_probs.append(log_prob.float().cpu())
+        latents = next_latents
+    if not record:
+        return latents, None
+    traj = Trajectory(
+        latents=torch.stack(stored, dim=1),
+        log_probs=torch.stack(log_probs, dim=1),
+        sigmas=sigmas,
+        timesteps=timesteps,
+        experts=experts,
+        trainable=trainable,
+        sde_type=config.sde_type,
+        noise_level=config.noise_level,
+    )
+    return latents, traj
+
+
+def group_noise(shape_one: tuple[int, ...], *, num_prompts: int, num_generations: int, share_noise: bool,
+                generator: torch.Generator | None, device) -> torch.Tensor:
+    """(num_prompts * num_generations, ...) initial noise, prompt-major; optionally one per group."""
+    if share_noise:
+        per_group = initial_noise((num_prompts, *shape_one[1:]), generator=generator, device=device)
+        return per_group.repeat_interleave(num_generations, dim=0)
+    return initial_noise((num_prompts * num_generations, *shape_one[1:]), generator=generator, device=device)
+
+
+def rollout_groups(
+    denoiser,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,  # (1, L, D): one negative prompt for all
+    *,
+    latent_shape_one: tuple[int, ...],
+    num_generations: int,
+    config: SamplerConfig,
+    generator: torch.Generator | None,
+    micro_batch: int = 0,
+    share_noise: bool = False,
+    storage_dtype: torch.dtype = torch.float32,
+    storage_device=None,
+    progress=None,
+) -> Trajectory:
+    """``num_generations`` recorded samples for each of the P prompts (embeds: (P, L, D)).
+
+    Samples are ordered prompt-major: sample k belongs to prompt k // num_generations.
+    ``micro_batch`` (0 = all at once) bounds how many samples go through the model together.
+    """
+    device = prompt_embeds.device
+    num_prompts = prompt_embeds.shape[0]
+    total = num_prompts * num_generations
+    noise = group_noise(latent_shape_one, num_prompts=num_prompts, num_generations=num_generations,
+                        share_noise=share_noise, generator=generator, device=device)
+    cond = prompt_embeds.repeat_interleave(num_generations, dim=0)
+    uncond = None if negative_embeds is None else negative_embeds[:1].expand(total, -1, -1)
+    step = micro_batch if micro_batch > 0 else total
+    parts = []
+    for start in range(0, total, step):
+        sl = slice(start, min(start + step, total))
+        _, traj = rollout(denoiser, noise[sl], cond[sl], None if uncond is None else uncond[sl], config=config,
+                          generator=generator, storage_dtype=storage_dtype, storage_device=storage_device)
+        parts.append(traj)
+        if progress is not None:
+            progress(sl.stop - sl.start)
+    return Trajectory.concat(parts)

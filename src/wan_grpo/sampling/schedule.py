@@ -1,0 +1,55 @@
+"""Sigma/timestep schedules, taken from diffusers' schedulers so they match WanPipeline exactly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+SOLVERS = ("unipc", "euler", "sde")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    sigmas: torch.Tensor  # (T + 1,) float32, last is 0
+    timesteps: torch.Tensor  # (T,) float32, the t given to the model (0..num_train_timesteps)
+    num_train_timesteps: int
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+def flow_match_schedule(num_steps: int, *, shift: float, num_train_timesteps: int = 1000) -> Schedule:
+    """The sigmas and timesteps of ``FlowMatchEulerDiscreteScheduler(shift=shift)`` for N steps."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)
+    scheduler.set_timesteps(num_steps)
+    return Schedule(
+        sigmas=scheduler.sigmas.float().cpu(),
+        timesteps=scheduler.timesteps.float().cpu(),
+        num_train_timesteps=num_train_timesteps,
+    )
+
+
+def unipc_scheduler(*, shift: float, base_config: dict | None = None) -> UniPCMultistepScheduler:
+    """UniPC in flow-prediction mode, as the diffusers-format Wan2.2 repos configure it."""
+    # Only a UniPC config carries over (solver order etc.); a FlowMatchEuler one has nothing for it.
+    is_unipc = (base_config or {}).get("_class_name") == "UniPCMultistepScheduler"
+    config = {k: v for k, v in (base_config or {}).items() if is_unipc and not k.startswith("_")}
+    config.update(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
+    config.setdefault("num_train_timesteps", 1000)
+    return UniPCMultistepScheduler.from_config(config)
+
+
+def sde_window_mask(num_steps: int, window: tuple[int, int] | None) -> torch.Tensor:
+    """(T,) bool: which steps take an SDE step (and are trainable); the others take Euler steps.
+
+    ``window`` is a half-open range of step indices [start, end), as in Flow-GRPO-Fast/MixGRPO.
+    """
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    start, end = (0, num_steps) if window is None else window
+    if not (0 <= start < end <= num_steps):
+        raise ValueError(f"SDE window {start}:{end} must lie within 0:{num_steps} and be non-empty")
+    mask[start:end] = True
+    return mask

@@ -1,0 +1,58 @@
+"""Bad input: one line on stderr that names the fix, exit code 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wan_grpo.cli import main
+
+
+def run_cli(capsys, args):
+    try:
+        rc = main(args)
+    except SystemExit as exc:  # argparse errors
+        rc = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in err if line.startswith("wan-grpo")]
+    return rc, err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ckpt_dir", "/no/such/dir"], "does not exist"),
+    (["--size", "60*64"], "not divisible by the VAE stride times patch size (16*16)"),
+    (["--size", "sixty"], "write it as e.g. 832*480"),
+    (["--frame_num", "6"], "is not 4k+1; use e.g. 5"),
+    (["--sample_solver", "ddim"], "invalid choice: 'ddim'"),
+    (["--task", "t2v-A14B"], "needs --ckpt_dir"),
+])
+def test_bad_sample_input(capsys, tmp_path, args, needle):
+    out = tmp_path / "x.mp4"
+    rc, err = run_cli(capsys, ["sample", "--output", str(out), *args])
+    assert rc == 2
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_not_a_wan_checkpoint(capsys, tmp_path):
+    rc, err = run_cli(capsys, ["sample", "--ckpt_dir", str(tmp_path)])
+    assert rc == 2 and "no model_index.json" in err[0] and "pass a diffusers-format" in err[0]
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    rc, err = run_cli(capsys, ["sample", "--ckpt_dir", str(tmp_path)])
+    assert rc == 2 and "'FluxPipeline' pipeline, not Wan2.2" in err[0]
+
+
+def test_original_layout_is_named(capsys, tmp_path):
+    (tmp_path / "high_noise_model").mkdir()
+    rc, err = run_cli(capsys, ["sample", "--ckpt_dir", str(tmp_path)])
+    assert rc == 2 and "original Wan2.2 layout" in err[0]
+
+
+def test_python_m_entry_point_and_help():
+    out = subprocess.run([sys.executable, "-m", "wan_grpo", "sample", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--sample_solver" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "wan_grpo", "sample", "--sampel_steps", "3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "unrecognized arguments" in bad.stderr
