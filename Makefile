@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/wan-grpo sample --task tiny --sample_solver sde --output $(DEMO_DIR)/sample.mp4
+	$(VENV)/bin/wan-grpo train --config configs/tiny-demo.yaml --save_dir $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -74,8 +74,12 @@ def build_tiny_components(seed: int = 0, *, two_experts: bool = True) -> WanComp
             )
         ).eval()
         vae = AutoencoderKLWan(
-            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
         ).eval()
+        # A random decoder averages latent changes away (mean luma moves ~1e-3 per unit latent shift);
+        # a 10x output layer makes frame statistics respond to the latents, so the demo can learn.
+        with torch.no_grad():
+            vae.decoder.conv_out.weight.mul_(10.0)
         transformer = _tiny_transformer()
         transformer_2 = _tiny_transformer() if two_experts else None
     return WanComponents(

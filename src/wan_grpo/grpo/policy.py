@@ -1,0 +1,105 @@
+"""The trainable part: which experts train, LoRA or full fine-tuning, optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from diffusers.training_utils import cast_training_params
+
+from wan_grpo.errors import UserError
+from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW
+
+log = logging.getLogger("wan_grpo")
+
+
+def parse_train_experts(spec: str, components) -> list[int]:
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [w for w in wanted if w not in EXPERT_NAMES]
+    if bad or not wanted:
+        raise UserError(f"--train_experts {spec!r}: use high, low or high,low")
+    present = {HIGH: components.transformer is not None, LOW: components.transformer_2 is not None}
+    out = []
+    for name in dict.fromkeys(wanted):
+        idx = EXPERT_NAMES.index(name)
+        if not present[idx]:
+            dir_name = "transformer" if idx == HIGH else "transformer_2"
+            raise UserError(f"--train_experts {name}: this checkpoint has no {dir_name}; drop {name!r}")
+        out.append(idx)
+    return sorted(out)
+
+
+@dataclass
+class Policy:
+    experts: dict[int, torch.nn.Module]  # trained experts by index (HIGH, LOW)
+    params: dict[int, list[torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    lora: bool
+    references: dict[int, torch.nn.Module] | None = None  # frozen copies for KL with full fine-tuning
+
+    @contextmanager
+    def reference(self, denoiser):
+        """Inside, ``denoiser`` predicts with the reference policy (LoRA: adapters disabled)."""
+        if self.lora:
+            for e in self.experts.values():
+                e.disable_adapters()
+            try:
+                yield denoiser
+            finally:
+                for e in self.experts.values():
+                    e.enable_adapters()
+        else:
+            saved = denoiser.experts
+            experts = list(saved)
+            for idx, ref in (self.references or {}).items():
+                experts[idx] = ref
+            denoiser.experts = tuple(experts)
+            try:
+                yield denoiser
+            finally:
+                denoiser.experts = saved
+
+
+def build_policy(components, cfg, *, device: torch.device) -> Policy:
+    from peft import LoraConfig
+
+    indices = parse_train_experts(cfg.train_experts, components)
+    experts = {i: (components.transformer, components.transformer_2)[i] for i in indices}
+    for module in (components.transformer, components.transformer_2):
+        if module is not None:
+            module.requires_grad_(False)
+    lora = cfg.lora_rank > 0
+    references = None
+    for idx, expert in experts.items():
+        if lora:
+            targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+            expert.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                          init_lora_weights=True))
+        else:
+            if cfg.kl_coef > 0:
+                references = references or {}
+                references[idx] = copy.deepcopy(expert).eval()
+            expert.requires_grad_(True)
+        # Master weights of what trains are fp32; forward runs under bf16 autocast on CUDA.
+        cast_training_params(expert, torch.float32)
+        if cfg.gradient_checkpointing:
+            expert.enable_gradient_checkpointing()
+        expert.train()
+    params = {i: [p for p in e.parameters() if p.requires_grad] for i, e in experts.items()}
+    for i, ps in params.items():
+        if not ps:
+            raise UserError(f"no trainable parameters in the {EXPERT_NAMES[i]} expert; check --lora_target_modules")
+    lrs = {HIGH: cfg.learning_rate, LOW: cfg.learning_rate if cfg.learning_rate_2 is None else cfg.learning_rate_2}
+    groups = [{"params": params[i], "lr": lrs[i], "name": EXPERT_NAMES[i]} for i in indices]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
+    warmup = max(0, cfg.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    n_params = {EXPERT_NAMES[i]: sum(p.numel() for p in ps) for i, ps in params.items()}
+    log.info("training %s (%s), trainable parameters %s", ", ".join(EXPERT_NAMES[i] for i in indices),
+             f"LoRA r{cfg.lora_rank}" if lora else "full fine-tuning", n_params)
+    return Policy(experts=experts, params=params, optimizer=optimizer, scheduler=scheduler, lora=lora,
+                  references=references)

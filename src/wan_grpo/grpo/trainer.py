@@ -1,0 +1,260 @@
+"""``wan-grpo train``: rollout -> rewards -> group advantages -> PPO-clip per expert -> checkpoint.
+
+How this departs from the papers it draws on (say it, nanochat-style):
+- SDE: Flow-GRPO's flow SDE by default (``--sde_type dance|cps`` for DanceGRPO's or CPS); the
+  log-prob is the exact Gaussian density in float32, MEAN-reduced over latent elements.
+- Advantages: per group and per reward component, population std + 1e-4, combined by weights,
+  clipped to +-adv_clip_max. Best-of-n selects within each group (DanceGRPO), not globally.
+- Loss: PPO-clip, mean over (sample, step) transitions, one backward per micro-batch; each
+  transition's gradient goes only to the expert that produced it. Optional KL to the reference
+  (LoRA: adapters off) on the SDE means, ||mu - mu_ref||^2 / (2 std^2); no entropy bonus.
+- Deterministic steps (Euler outside ``--sde_window``, std 0) are never trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from wan_grpo.config import parse_size
+from wan_grpo.errors import UserError
+from wan_grpo.grpo.advantages import best_of_n, group_advantages
+from wan_grpo.grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from wan_grpo.grpo.config import TrainConfig
+from wan_grpo.grpo.data import PromptOrder, load_prompts
+from wan_grpo.grpo.metrics import MetricsWriter
+from wan_grpo.grpo.policy import Policy, build_policy
+from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
+from wan_grpo.models.denoiser import EXPERT_NAMES, MoEDenoiser
+from wan_grpo.models.vae import decode_latents
+from wan_grpo.rewards import build_rewards, score
+from wan_grpo.runtime import encode_all, load_model, place
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.video import write_mp4
+
+log = logging.getLogger("wan_grpo")
+
+
+def parse_window(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise UserError(f"--sde_window {text!r} is not START:END; write e.g. 0:8") from None
+    return start, end
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.dit_fsdp or cfg.t5_fsdp or cfg.ulysses_size > 1:
+        raise UserError("--dit_fsdp/--t5_fsdp/--ulysses_size are not available in this version (single process "
+                        "only); drop those flags")
+    if cfg.num_generations < 2:
+        raise UserError(f"--num_generations {cfg.num_generations}: GRPO needs at least 2 samples per prompt")
+    if cfg.best_of_n and (cfg.best_of_n % 2 or cfg.best_of_n > cfg.num_generations):
+        raise UserError(f"--best_of_n {cfg.best_of_n} must be even and <= --num_generations ({cfg.num_generations})")
+    if not 0 < cfg.timestep_fraction <= 1:
+        raise UserError(f"--timestep_fraction {cfg.timestep_fraction} must be in (0, 1]")
+    if cfg.clip_range <= 0:
+        raise UserError(f"--clip_range {cfg.clip_range} must be > 0")
+    if cfg.optimizer_steps_per_rollout < 1:
+        raise UserError("--optimizer_steps_per_rollout must be >= 1")
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    components: object
+    denoiser: MoEDenoiser
+    policy: Policy
+    cache: object
+    rewards: list
+    coefs: dict[str, float]
+    sampler: SamplerConfig
+    shape_one: tuple[int, ...]
+    order: PromptOrder
+    device: torch.device
+    save_dir: Path
+    counters: dict
+
+
+def _bar(total, desc):
+    return tqdm(total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+def grpo_rollout_step(run: Run, r: int) -> list[dict]:
+    """One rollout and its optimizer steps; returns one metrics row per optimizer step."""
+    cfg, n = run.cfg, run.cfg.num_generations
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)
+    prompts = run.order.batch(r)
+    cond_p = run.cache.get(prompts)
+    neg = run.cache.get([cfg.negative_prompt])
+
+    t0 = time.perf_counter()
+    for e in run.policy.experts.values():
+        e.eval()
+    with _bar(len(prompts) * n, "rollout") as bar:
+        traj = rollout_groups(
+            run.denoiser, cond_p, neg, latent_shape_one=run.shape_one, num_generations=n, config=run.sampler,
+            generator=gen, micro_batch=cfg.rollout_batch_size, share_noise=cfg.share_noise,
+            storage_dtype=torch.bfloat16 if cfg.trajectory_dtype == "bf16" else torch.float32,
+            storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update)
+    videos = list(decode_latents(run.components.vae, traj.final_latents))
+    t1 = time.perf_counter()
+
+    with _bar(len(run.rewards), "reward") as bar:
+        components = score(run.rewards, videos, [p for p in prompts for _ in range(n)], fps=cfg.fps)
+        bar.update(len(run.rewards))
+    total_reward = sum(run.coefs[k] * v for k, v in components.items())
+    adv = group_advantages(components, run.coefs, group_size=n, global_std=cfg.global_std,
+                           drop_zero_std_groups=cfg.drop_zero_std_groups, clip_max=cfg.adv_clip_max)
+    keep = adv.keep & best_of_n(adv.values, n, cfg.best_of_n)
+    run.counters["dropped_groups"] += adv.dropped_groups
+    t2 = time.perf_counter()
+
+    if r == 0:
+        for idx in run.policy.experts:
+            if not bool(((traj.experts == idx) & traj.trainable).any()):
+                log.warning("the %s expert owns none of the trainable steps (shift/--sde_window); it gets no updates",
+                            EXPERT_NAMES[idx])
+    finite = all(torch.isfinite(v).all() for v in components.values()) and bool(torch.isfinite(adv.values).all())
+    k = max(1, cfg.optimizer_steps_per_rollout)
+    if not finite:
+        log.warning("non-finite rewards or advantages at rollout %d: update skipped, weights unchanged", r + 1)
+        run.counters["skipped_updates"] += k
+        updates = [UpdateStats(loss=math.nan, ratio_mean=math.nan, clipfrac=math.nan, approx_kl=math.nan,
+                               skipped=True) for _ in range(k)]
+    else:
+        for e in run.policy.experts.values():
+            e.train()
+        transitions = select_transitions(traj, keep, fraction=cfg.timestep_fraction, generator=gen)
+        cond = cond_p.repeat_interleave(n, dim=0)
+        uncond = neg.expand(len(cond), -1, -1)
+        with _bar(len(transitions), "train") as bar:
+            updates = policy_update(run.denoiser, run.policy, traj, adv.values, transitions, cond, uncond, cfg=cfg,
+                                    device=run.device, generator=gen, progress=bar.update)
+        run.counters["skipped_updates"] += sum(u.skipped for u in updates)
+    t3 = time.perf_counter()
+
+    if cfg.sample_interval and (r + 1) % cfg.sample_interval == 0:
+        path = run.save_dir / "samples" / f"step-{(r + 1) * k:06d}.mp4"
+        write_mp4(path, videos[0].numpy(), fps=cfg.fps)
+        (run.save_dir / "samples" / "prompts.txt").open("a").write(f"{path.name}\t{prompts[0]}\n")
+
+    base = {
+        "rollout": r + 1,
+        "epoch": run.order.epoch_of(r),
+        "reward_mean": float(total_reward.mean()),
+        "reward_std": float(total_reward.std(unbiased=False)),
+        **{f"reward_{c}_mean": float(v.mean()) for c, v in components.items()},
+        "advantage_abs_mean": float(adv.values[keep].abs().mean()) if keep.any() else 0.0,
+        "kept_samples": int(keep.sum()),
+        "rollout_seconds": t1 - t0,
+        "reward_seconds": t2 - t1,
+        "train_seconds": t3 - t2,
+    }
+    rows = []
+    for j, u in enumerate(updates):
+        rows.append({
+            "step": r * k + j + 1, **base, "loss": u.loss, "ratio_mean": u.ratio_mean, "clipfrac": u.clipfrac,
+            "approx_kl": u.approx_kl, "kl": u.kl,
+            **{f"grad_norm_{name}": u.grad_norm[name] for name in EXPERT_NAMES},
+            **{f"trained_steps_{name}": u.trained_steps[name] for name in EXPERT_NAMES},
+            "lr": run.policy.optimizer.param_groups[0]["lr"],
+            "lr_2": run.policy.optimizer.param_groups[-1]["lr"],
+            "skipped_updates": run.counters["skipped_updates"],
+            "dropped_groups": run.counters["dropped_groups"],
+        })
+    return rows
+
+
+def setup(cfg: TrainConfig) -> Run:
+    validate(cfg)
+    components, cfg, device, dtype = load_model(cfg)
+    rewards, coefs = build_rewards(cfg.reward or ("brightness" if cfg.task == "tiny" else "videoalign"),
+                                   vq_coef=cfg.vq_coef, mq_coef=cfg.mq_coef, ta_coef=cfg.ta_coef,
+                                   reward_model_path=cfg.reward_model_path)
+    prompts = load_prompts(cfg.prompts)
+    width, height = parse_size(cfg.size)
+    shape_one = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
+    sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
+                            noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
+    save_dir = Path(cfg.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    cache = encode_all(components, prompts, cfg.negative_prompt, device=device, dtype=dtype)
+    place(components, device)
+    policy = build_policy(components, cfg, device=device)
+    denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
+                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    return Run(cfg=cfg, components=components, denoiser=denoiser, policy=policy, cache=cache, rewards=rewards,
+               coefs=coefs, sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
+               seed=cfg.seed), device=device, save_dir=save_dir, counters={"skipped_updates": 0, "dropped_groups": 0})
+
+
+def train(cfg: TrainConfig) -> Path:
+    run = setup(cfg)
+    cfg = run.cfg
+    k = max(1, cfg.optimizer_steps_per_rollout)
+    start = 0
+    ckpt = resolve_resume(cfg.resume, run.save_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, run.policy)
+        start, run.counters = state["rollout"], dict(state["counters"])
+        log.info("resumed from %s (step %d)", ckpt, state["step"])
+    total = cfg.num_epochs * run.order.steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, math.ceil(cfg.max_steps / k))
+    metrics = MetricsWriter(run.save_dir, tensorboard=cfg.tensorboard, resume_step=start * k)
+    log.info("GRPO on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d SDE steps (%s)",
+             cfg.task, len(run.order.prompts), total, k, cfg.num_generations, cfg.sampling_steps, cfg.sde_type)
+    last = None
+    try:
+        for r in tqdm(range(start, total), desc="GRPO", initial=start, total=total, disable=None):
+            rows = grpo_rollout_step(run, r)
+            for row in rows:
+                metrics.write(row)
+            step = rows[-1]["step"]
+            if cfg.log_interval and (r + 1) % cfg.log_interval == 0:
+                row = rows[-1]
+                log.info("step %d  reward %.4f +- %.4f  loss %.3g  ratio %.6f  clip %.3f  grad %.3g/%.3g  "
+                         "(rollout %.1fs reward %.1fs train %.1fs)", step, row["reward_mean"], row["reward_std"],
+                         row["loss"], row["ratio_mean"], row["clipfrac"], row["grad_norm_high"],
+                         row["grad_norm_low"], row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
+            if cfg.save_interval and (r + 1) * k // cfg.save_interval > r * k // cfg.save_interval and r + 1 < total:
+                save_checkpoint(run.save_dir, step, run.policy, _state(run, r + 1))
+            last = step
+        if last is not None:
+            path = save_checkpoint(run.save_dir, last, run.policy, _state(run, total))
+            log.info("checkpoint: %s", path)
+    finally:
+        metrics.close()
+    _print_summary(run.save_dir)
+    print(f"metrics: {run.save_dir / 'metrics.jsonl'}  (TensorBoard: {run.save_dir / 'tb'})")
+    if cfg.sample_interval:
+        print(f"samples: {run.save_dir / 'samples'}")
+    return run.save_dir
+
+
+def _print_summary(save_dir: Path) -> None:
+    """Mean reward of the first and last (up to) 10 optimizer steps of the whole run."""
+    from wan_grpo.grpo.metrics import read_metrics
+
+    rewards = [row["reward_mean"] for row in read_metrics(save_dir) if row.get("reward_mean") is not None]
+    if len(rewards) >= 2:
+        n = min(10, len(rewards) // 2)
+        first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+        print(f"reward_mean: first {n} steps {first:.4f} -> last {n} steps {last:.4f} ({last - first:+.4f})")
+
+
+def _state(run: Run, rollouts_done: int) -> dict:
+    return {"rollout": rollouts_done, "epoch": run.order.epoch_of(rollouts_done), "counters": dict(run.counters),
+            "config": dataclasses.asdict(run.cfg)}
