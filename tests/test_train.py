@@ -200,3 +200,11 @@ def test_config_file_and_flag_precedence(tmp_path):
     written = (save_dir / "config.yaml").read_text()
     assert "num_generations: 3" in written and "lora_rank: 2" in written
     assert len(read_metrics(save_dir)) == 1
+
+
+@pytest.mark.parametrize("lora", ["0", "4"])
+def test_kl_to_reference_starts_at_zero_then_grows(tmp_path, lora):
+    _, rows = train(tmp_path, f"kl{lora}", "--max_steps", "3", "--lora_rank", lora, "--learning_rate", "2e-2",
+                    "--kl_coef", "0.5", "--gradient_checkpointing", "true")
+    assert rows[0]["kl"] == 0.0  # the policy is the reference before its first update
+    assert rows[1]["kl"] > 0 and rows[2]["kl"] > 0

@@ -135,5 +135,8 @@ def sde_step(
             noise = randn_tensor(x.shape, generator=generator, device=device, dtype=compute_dtype)
             sample = mean + std * noise
         next_latents = sample.to(latents.dtype)
-    log_prob = gaussian_log_prob(next_latents.to(compute_dtype), mean, std)
+    if kind == "ode" or bool((std == 0).all()):
+        log_prob = torch.zeros(batch, dtype=compute_dtype, device=device)  # deterministic: skip the density
+    else:
+        log_prob = gaussian_log_prob(next_latents.to(compute_dtype), mean, std)
     return SDEStepOutput(next_latents=next_latents, log_prob=log_prob, mean=mean, std=std)

@@ -1,0 +1,33 @@
+"""The README's flag tables, generated from the typed configs (``python -m wan_grpo.docs``).
+
+A test checks that README.md contains exactly this text, so the README and ``--help`` agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _table(cls, skip=()) -> list[str]:
+    lines = ["| flag / YAML key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = "" if f.default is None else f"`{f.default}`"
+        lines.append(f"| `--{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
+    return lines
+
+
+def flag_tables() -> str:
+    from wan_grpo.config import ModelConfig, SampleConfig
+    from wan_grpo.grpo.config import TrainConfig
+
+    shared = {f.name for f in dataclasses.fields(ModelConfig)}
+    out = ["### Model and sampling (both commands)", "", *_table(ModelConfig), "",
+           "### `sample` only", "", *_table(SampleConfig, skip=shared), "",
+           "### `train` only", "", *_table(TrainConfig, skip=shared)]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    print(flag_tables(), end="")
