@@ -127,7 +127,8 @@ def test_lora_loads_into_diffusers_pipeline(tmp_path, tiny_ckpt):
     assert (high_only - base).abs().max() > 1e-4
     assert (both - high_only).abs().max() > 1e-4
     state = torch.load(ckpt / "training_state.pt", weights_only=False)
-    assert state["step"] == 2 and state["lora"] and "optimizer" in state and "rng" in state
+    assert state["step"] == 2 and state["lora"] and "scheduler" in state and "rng" in state
+    assert (ckpt / "dcp" / ".metadata").is_file()  # sharded weights + optimizer
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):

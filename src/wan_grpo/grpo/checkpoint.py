@@ -1,13 +1,15 @@
-"""Checkpoints: trained experts (LoRA in diffusers' format, or full diffusers folders) + training state.
+"""Checkpoints: exported experts (diffusers formats), sharded training state (DCP), loop state.
 
 Layout of ``SAVE_DIR/checkpoint-<step>/``:
   transformer/pytorch_lora_weights.safetensors   (LoRA; ``WanPipeline.load_lora_weights`` loads it)
   transformer_2/pytorch_lora_weights.safetensors (load with ``load_into_transformer_2=True``)
   transformer/ or transformer_2/ diffusers model folders (full fine-tuning)
-  training_state.pt  optimizer, LR schedule, RNG states, step, data position, counters
+  dcp/               trainable weights + optimizer via torch.distributed.checkpoint: resumable on
+                     any number of processes (resharded on load)
+  training_state.pt  LR schedule, RNG states, step, data position, counters
 
-A checkpoint is written to a temporary folder and renamed into place, so a folder named
-checkpoint-<step> is always complete.
+All ranks write their DCP shards into a temporary folder; rank 0 exports the gathered weights,
+writes the loop state and renames the folder into place, so a checkpoint-<step> is complete.
 """
 
 from __future__ import annotations
@@ -20,13 +22,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
+from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
 
 EXPERT_DIRS = ("transformer", "transformer_2")
 STATE_FILE = "training_state.pt"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
+GATHERED = StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True)
 
 
 def rng_state() -> dict:
@@ -44,50 +56,63 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_expert(expert, folder: Path, *, lora: bool) -> None:
+def _export_expert(expert, weights: dict[str, torch.Tensor], folder: Path, *, lora: bool) -> None:
+    """``weights``: the expert's gathered trainable tensors, keyed as in expert.state_dict()."""
+    folder.mkdir(parents=True)
     if lora:
         from diffusers import WanPipeline
         from peft.utils import get_peft_model_state_dict
 
-        folder.mkdir(parents=True)
         WanPipeline.save_lora_weights(
             folder,
-            transformer_lora_layers=get_peft_model_state_dict(expert),
+            transformer_lora_layers=get_peft_model_state_dict(expert, state_dict=weights),
             transformer_lora_adapter_metadata=expert.peft_config["default"].to_dict(),
         )
     else:
-        expert.save_pretrained(folder, safe_serialization=True)
+        expert.save_config(folder)
+        save_file({k: v.contiguous() for k, v in weights.items()}, folder / "diffusion_pytorch_model.safetensors")
 
 
-def save_checkpoint(save_dir: str | Path, step: int, policy, state: dict) -> Path:
-    """Write checkpoint-<step> atomically and return its path."""
-    for idx, params in policy.params.items():
-        if not all(torch.isfinite(p).all() for p in params):
-            raise RuntimeError(f"refusing to save checkpoint {step}: non-finite weights in {EXPERT_DIRS[idx]}")
+def _all_finite(policy) -> bool:
+    bad = 0
+    for params in policy.params.values():
+        for p in params:
+            local = p.to_local() if hasattr(p, "to_local") else p
+            bad += int(not bool(torch.isfinite(local).all()))
+    return int(all_reduce_sum(torch.tensor([bad]))[0]) == 0
+
+
+def save_checkpoint(save_dir: str | Path, step: int, policy, state: dict, *, is_main: bool = True) -> Path:
+    """Write checkpoint-<step> atomically (every rank calls this) and return its path."""
+    if not _all_finite(policy):
+        raise RuntimeError(f"refusing to save checkpoint {step}: non-finite weights")
     save_dir = Path(save_dir)
     final = save_dir / f"checkpoint-{step}"
-    tmp = save_dir / f".checkpoint-{step}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for idx, expert in policy.experts.items():
-        _save_expert(expert, tmp / EXPERT_DIRS[idx], lora=policy.lora)
-    payload = {
-        **state,
-        "step": step,
-        "optimizer": policy.optimizer.state_dict(),
-        "scheduler": policy.scheduler.state_dict(),
-        "rng": rng_state(),
-        "lora": policy.lora,
-        "experts": sorted(policy.experts),
-    }
-    torch.save(payload, tmp / STATE_FILE)
-    if final.exists():
-        old = save_dir / f".checkpoint-{step}.old{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    tmp = save_dir / f".checkpoint-{step}.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    modules = policy.modules()
+    model_sd, optim_sd = get_state_dict(modules, policy.optimizer, options=SHARDED)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    gathered = get_model_state_dict(modules, options=GATHERED)  # a collective: every rank joins
+    if is_main:
+        for idx, expert in policy.experts.items():
+            prefix = f"{idx}."
+            weights = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
+            _export_expert(expert, weights, tmp / EXPERT_DIRS[idx], lora=policy.lora)
+        payload = {**state, "step": step, "scheduler": policy.scheduler.state_dict(), "rng": rng_state(),
+                   "lora": policy.lora, "experts": sorted(policy.experts)}
+        torch.save(payload, tmp / STATE_FILE)
+        if final.exists():
+            old = save_dir / f".checkpoint-{step}.old"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    barrier()
     return final
 
 
@@ -112,30 +137,17 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> Path | None:
     return path
 
 
-def load_expert_weights(expert, folder: Path, *, lora: bool) -> None:
-    if lora:
-        from peft.utils import set_peft_model_state_dict
-
-        state = load_file(folder / LORA_FILE)
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-        result = set_peft_model_state_dict(expert, state)
-        if getattr(result, "unexpected_keys", None):
-            raise UserError(f"{folder / LORA_FILE} does not match --lora_rank/--lora_target_modules of this run")
-    else:
-        from diffusers import WanTransformer3DModel
-
-        loaded = WanTransformer3DModel.from_pretrained(folder, torch_dtype=torch.float32)
-        expert.load_state_dict(loaded.state_dict())
-
-
 def load_checkpoint(path: Path, policy) -> dict:
-    """Restore weights, optimizer, LR schedule and RNG; return the saved state dict."""
+    """Restore trainable weights, optimizer, LR schedule and RNG on any number of processes."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     if state["lora"] != policy.lora or state["experts"] != sorted(policy.experts):
         raise UserError(f"{path} was saved with other --lora_rank/--train_experts settings; match them to resume")
-    for idx, expert in policy.experts.items():
-        load_expert_weights(expert, path / EXPERT_DIRS[idx], lora=policy.lora)
-    policy.optimizer.load_state_dict(state["optimizer"])
+    modules = policy.modules()
+    model_sd, optim_sd = get_state_dict(modules, policy.optimizer, options=SHARDED)
+    to_load = {"model": model_sd, "optim": optim_sd}
+    dcp.load(to_load, checkpoint_id=str(path / "dcp"))
+    set_state_dict(modules, policy.optimizer, model_state_dict=to_load["model"],
+                   optim_state_dict=to_load["optim"], options=SHARDED)
     policy.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state

@@ -51,10 +51,13 @@ class TrainConfig(ModelConfig):
     lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
                                    "Comma-separated module names that get LoRA adapters.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    # Distributed (see docs): accepted for the sketch's command lines
-    t5_fsdp: bool = opt(False, "Shard the text encoder with FSDP2 under torchrun.")
-    dit_fsdp: bool = opt(False, "Shard both experts with FSDP2 under torchrun.")
-    ulysses_size: int = opt(1, "Ulysses sequence-parallel degree (CUDA only).")
+    # Distributed (README "Many GPUs")
+    t5_fsdp: bool = opt(False, "Accepted for the design sketch's command lines: the text encoder runs once per "
+                               "distinct prompt and is freed, so there is nothing to shard.")
+    dit_fsdp: bool = opt(False, "Shard every expert with FSDP2 per transformer block; required with more than one "
+                                "process.")
+    ulysses_size: int = opt(1, "Ulysses sequence-parallel degree; only 1 in this version (CUDA context "
+                               "parallelism is planned).")
     # Output
     save_dir: str = opt("./grpo_checkpoints", "Run directory: metrics, samples, checkpoints, config.yaml.")
     save_interval: int = opt(0, "Checkpoint every N steps (0: only at the end).")

@@ -41,6 +41,10 @@ class Policy:
     lora: bool
     references: dict[int, torch.nn.Module] | None = None  # frozen copies for KL with full fine-tuning
 
+    def modules(self) -> torch.nn.ModuleDict:
+        """The trained experts under stable names ("0" high, "1" low), for state-dict utilities."""
+        return torch.nn.ModuleDict({str(i): e for i, e in self.experts.items()})
+
     @contextmanager
     def reference(self, denoiser):
         """Inside, ``denoiser`` predicts with the reference policy (LoRA: adapters disabled)."""
@@ -64,7 +68,7 @@ class Policy:
                 denoiser.experts = saved
 
 
-def build_policy(components, cfg, *, device: torch.device) -> Policy:
+def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -> Policy:
     from peft import LoraConfig
 
     indices = parse_train_experts(cfg.train_experts, components)
@@ -89,6 +93,13 @@ def build_policy(components, cfg, *, device: torch.device) -> Policy:
         if cfg.gradient_checkpointing:
             expert.enable_gradient_checkpointing()
         expert.train()
+    if fsdp:
+        from wan_grpo.distributed.parallelize import shard_expert
+
+        # frozen experts run forward passes too (rollouts): shard every present expert
+        for module in (components.transformer, components.transformer_2, *(references or {}).values()):
+            if module is not None:
+                shard_expert(module, device_type=device.type)
     params = {i: [p for p in e.parameters() if p.requires_grad] for i, e in experts.items()}
     for i, ps in params.items():
         if not ps:

@@ -37,7 +37,8 @@ from wan_grpo.models.denoiser import EXPERT_NAMES, MoEDenoiser
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import build_rewards, score
 from wan_grpo.runtime import encode_all, load_model, place
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.distributed import DistInfo, all_gather_cat, cleanup, init_distributed
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
 from wan_grpo.video import write_mp4
 
 log = logging.getLogger("wan_grpo")
@@ -54,9 +55,9 @@ def parse_window(text: str | None) -> tuple[int, int] | None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.dit_fsdp or cfg.t5_fsdp or cfg.ulysses_size > 1:
-        raise UserError("--dit_fsdp/--t5_fsdp/--ulysses_size are not available in this version (single process "
-                        "only); drop those flags")
+    if cfg.ulysses_size > 1:
+        raise UserError("--ulysses_size > 1 (context parallelism, CUDA only) is not available in this version; "
+                        "use --ulysses_size 1")
     if cfg.num_generations < 2:
         raise UserError(f"--num_generations {cfg.num_generations}: GRPO needs at least 2 samples per prompt")
     if cfg.best_of_n and (cfg.best_of_n % 2 or cfg.best_of_n > cfg.num_generations):
@@ -84,34 +85,43 @@ class Run:
     device: torch.device
     save_dir: Path
     counters: dict
+    dist: DistInfo
+
+    def local_slice(self, total: int) -> slice:
+        per = total // self.dist.world_size
+        return slice(self.dist.rank * per, (self.dist.rank + 1) * per)
 
 
-def _bar(total, desc):
-    return tqdm(total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+def _bar(total, desc, *, main: bool = True):
+    return tqdm(total=total, desc=desc, leave=False, disable=None if main else True, dynamic_ncols=True)
 
 
 def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     """One rollout and its optimizer steps; returns one metrics row per optimizer step."""
-    cfg, n = run.cfg, run.cfg.num_generations
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + r)
+    cfg, n, main = run.cfg, run.cfg.num_generations, run.dist.is_main
     prompts = run.order.batch(r)
-    cond_p = run.cache.get(prompts)
     neg = run.cache.get([cfg.negative_prompt])
+    seeds = [sample_seed(cfg.seed, r, g) for g in range(len(prompts) * n)]
+    noise_seeds = [seeds[g - g % n] for g in range(len(seeds))] if cfg.share_noise else list(seeds)
+    sample_prompts = [p for p in prompts for _ in range(n)]
+    mine = run.local_slice(len(seeds))  # this rank's global samples
+    cond = run.cache.get(sample_prompts[mine])
 
     t0 = time.perf_counter()
     for e in run.policy.experts.values():
         e.eval()
-    with _bar(len(prompts) * n, "rollout") as bar:
+    with _bar(len(seeds[mine]), "rollout", main=main) as bar:
         traj = rollout_groups(
-            run.denoiser, cond_p, neg, latent_shape_one=run.shape_one, num_generations=n, config=run.sampler,
-            generator=gen, micro_batch=cfg.rollout_batch_size, share_noise=cfg.share_noise,
+            run.denoiser, cond, neg, latent_shape_one=run.shape_one, seeds=seeds[mine],
+            noise_seeds=noise_seeds[mine], config=run.sampler, micro_batch=cfg.rollout_batch_size,
             storage_dtype=torch.bfloat16 if cfg.trajectory_dtype == "bf16" else torch.float32,
             storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update)
     videos = list(decode_latents(run.components.vae, traj.final_latents))
     t1 = time.perf_counter()
 
-    with _bar(len(run.rewards), "reward") as bar:
-        components = score(run.rewards, videos, [p for p in prompts for _ in range(n)], fps=cfg.fps)
+    with _bar(len(run.rewards), "reward", main=main) as bar:
+        local = score(run.rewards, videos, sample_prompts[mine], fps=cfg.fps)
+        components = {k: all_gather_cat(v.to(run.device)).cpu() for k, v in local.items()}
         bar.update(len(run.rewards))
     total_reward = sum(run.coefs[k] * v for k, v in components.items())
     adv = group_advantages(components, run.coefs, group_size=n, global_std=cfg.global_std,
@@ -135,16 +145,15 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     else:
         for e in run.policy.experts.values():
             e.train()
-        transitions = select_transitions(traj, keep, fraction=cfg.timestep_fraction, generator=gen)
-        cond = cond_p.repeat_interleave(n, dim=0)
+        transitions = select_transitions(traj, seeds[mine], fraction=cfg.timestep_fraction, num_chunks=k)
         uncond = neg.expand(len(cond), -1, -1)
-        with _bar(len(transitions), "train") as bar:
-            updates = policy_update(run.denoiser, run.policy, traj, adv.values, transitions, cond, uncond, cfg=cfg,
-                                    device=run.device, generator=gen, progress=bar.update)
+        with _bar(len(transitions), "train", main=main) as bar:
+            updates = policy_update(run.denoiser, run.policy, traj, adv.values[mine], keep[mine].float(),
+                                    transitions, cond, uncond, cfg=cfg, device=run.device, progress=bar.update)
         run.counters["skipped_updates"] += sum(u.skipped for u in updates)
     t3 = time.perf_counter()
 
-    if cfg.sample_interval and (r + 1) % cfg.sample_interval == 0:
+    if main and cfg.sample_interval and (r + 1) % cfg.sample_interval == 0:
         path = run.save_dir / "samples" / f"step-{(r + 1) * k:06d}.mp4"
         write_mp4(path, videos[0].numpy(), fps=cfg.fps)
         (run.save_dir / "samples" / "prompts.txt").open("a").write(f"{path.name}\t{prompts[0]}\n")
@@ -178,6 +187,22 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
 
 def setup(cfg: TrainConfig) -> Run:
     validate(cfg)
+    from wan_grpo.runtime import resolve_device
+
+    device = resolve_device(cfg.device)
+    info = init_distributed(device_type=device.type, need_group=cfg.dit_fsdp)
+    if info.world_size > 1 and not cfg.dit_fsdp:
+        raise UserError(f"{info.world_size} processes need --dit_fsdp (gradients are synchronised by FSDP2)")
+    if info.world_size > 1 and device.type == "cuda":
+        cfg = dataclasses.replace(cfg, device=f"cuda:{info.local_rank}")
+    if not info.is_main:
+        log.setLevel(logging.WARNING)
+    total = cfg.batch_size * cfg.num_generations
+    if total % info.world_size:
+        raise UserError(f"--batch_size x --num_generations = {total} samples do not split over {info.world_size} "
+                        "processes; make it a multiple of the process count")
+    if cfg.dit_fsdp and cfg.kl_coef > 0 and cfg.lora_rank == 0:
+        raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA (--lora_rank)")
     components, cfg, device, dtype = load_model(cfg)
     rewards, coefs = build_rewards(cfg.reward or ("brightness" if cfg.task == "tiny" else "videoalign"),
                                    vq_coef=cfg.vq_coef, mq_coef=cfg.mq_coef, ta_coef=cfg.ta_coef,
@@ -188,21 +213,30 @@ def setup(cfg: TrainConfig) -> Run:
     sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
                             noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
     save_dir = Path(cfg.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if info.is_main:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    # The text encoder runs once per distinct prompt and is freed (so --t5_fsdp has nothing to shard).
     cache = encode_all(components, prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device)
-    policy = build_policy(components, cfg, device=device)
+    policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     return Run(cfg=cfg, components=components, denoiser=denoiser, policy=policy, cache=cache, rewards=rewards,
                coefs=coefs, sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
-               seed=cfg.seed), device=device, save_dir=save_dir, counters={"skipped_updates": 0, "dropped_groups": 0})
+               seed=cfg.seed), device=device, save_dir=save_dir, counters={"skipped_updates": 0, "dropped_groups": 0},
+               dist=info)
 
 
 def train(cfg: TrainConfig) -> Path:
-    run = setup(cfg)
-    cfg = run.cfg
+    try:
+        return _loop(setup(cfg))
+    finally:
+        cleanup()
+
+
+def _loop(run: Run) -> Path:
+    cfg, main = run.cfg, run.dist.is_main
     k = max(1, cfg.optimizer_steps_per_rollout)
     start = 0
     ckpt = resolve_resume(cfg.resume, run.save_dir)
@@ -213,14 +247,15 @@ def train(cfg: TrainConfig) -> Path:
     total = cfg.num_epochs * run.order.steps_per_epoch
     if cfg.max_steps:
         total = min(total, math.ceil(cfg.max_steps / k))
-    metrics = MetricsWriter(run.save_dir, tensorboard=cfg.tensorboard, resume_step=start * k)
-    log.info("GRPO on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d SDE steps (%s)",
-             cfg.task, len(run.order.prompts), total, k, cfg.num_generations, cfg.sampling_steps, cfg.sde_type)
+    metrics = MetricsWriter(run.save_dir, tensorboard=cfg.tensorboard, resume_step=start * k) if main else None
+    log.info("GRPO on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d SDE steps (%s), "
+             "%d process(es)", cfg.task, len(run.order.prompts), total, k, cfg.num_generations, cfg.sampling_steps,
+             cfg.sde_type, run.dist.world_size)
     last = None
     try:
-        for r in tqdm(range(start, total), desc="GRPO", initial=start, total=total, disable=None):
+        for r in tqdm(range(start, total), desc="GRPO", initial=start, total=total, disable=None if main else True):
             rows = grpo_rollout_step(run, r)
-            for row in rows:
+            for row in rows if main else ():
                 metrics.write(row)
             step = rows[-1]["step"]
             if cfg.log_interval and (r + 1) % cfg.log_interval == 0:
@@ -230,17 +265,19 @@ def train(cfg: TrainConfig) -> Path:
                          row["loss"], row["ratio_mean"], row["clipfrac"], row["grad_norm_high"],
                          row["grad_norm_low"], row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
             if cfg.save_interval and (r + 1) * k // cfg.save_interval > r * k // cfg.save_interval and r + 1 < total:
-                save_checkpoint(run.save_dir, step, run.policy, _state(run, r + 1))
+                save_checkpoint(run.save_dir, step, run.policy, _state(run, r + 1), is_main=main)
             last = step
         if last is not None:
-            path = save_checkpoint(run.save_dir, last, run.policy, _state(run, total))
+            path = save_checkpoint(run.save_dir, last, run.policy, _state(run, total), is_main=main)
             log.info("checkpoint: %s", path)
     finally:
-        metrics.close()
-    _print_summary(run.save_dir)
-    print(f"metrics: {run.save_dir / 'metrics.jsonl'}  (TensorBoard: {run.save_dir / 'tb'})")
-    if cfg.sample_interval:
-        print(f"samples: {run.save_dir / 'samples'}")
+        if metrics is not None:
+            metrics.close()
+    if main:
+        _print_summary(run.save_dir)
+        print(f"metrics: {run.save_dir / 'metrics.jsonl'}  (TensorBoard: {run.save_dir / 'tb'})")
+        if cfg.sample_interval:
+            print(f"samples: {run.save_dir / 'samples'}")
     return run.save_dir
 
 

@@ -16,7 +16,8 @@ import torch
 from wan_grpo.grpo import replay
 from wan_grpo.grpo.loss import gaussian_kl, ppo_clip_loss
 from wan_grpo.models.denoiser import EXPERT_NAMES
-from wan_grpo.sampling.rollout import Trajectory
+from wan_grpo.distributed import all_reduce_sum, world_size
+from wan_grpo.sampling.rollout import Trajectory, stream
 
 log = logging.getLogger("wan_grpo")
 
@@ -33,28 +34,36 @@ class UpdateStats:
     skipped: bool = False
 
 
-def select_transitions(traj: Trajectory, keep: torch.Tensor, *, fraction: float,
-                       generator: torch.Generator) -> torch.Tensor:
-    """(M, 2) long rows (sample, step): a random ``fraction`` of each kept sample's trainable steps."""
-    steps = torch.nonzero(traj.trainable).flatten()
-    if len(steps) == 0:
-        return torch.zeros(0, 2, dtype=torch.long)
-    k = max(1, min(len(steps), round(fraction * len(steps))))
+def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, num_chunks: int) -> torch.Tensor:
+    """(M, 3) long rows (sample, step, chunk) for every local sample.
+
+    Per sample and per expert, a random ``fraction`` of that expert's trainable steps (at least one),
+    drawn from the sample's own seeded stream, dealt round-robin into ``num_chunks`` optimizer
+    steps. Every sample gets the same number of steps per expert and per chunk, so ranks holding
+    equally many samples run equally many passes through each expert.
+    """
     rows = []
-    for s in torch.nonzero(keep).flatten().tolist():
-        chosen = steps[torch.randperm(len(steps), generator=generator)[:k]]
-        rows.append(torch.stack([torch.full_like(chosen, s), chosen], dim=1))
-    return torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.long)
+    for i, seed in enumerate(seeds):
+        gen = stream(seed, 2)
+        for e in (0, 1):
+            steps = torch.nonzero(traj.trainable & (traj.experts == e)).flatten()
+            if len(steps) == 0:
+                continue
+            k = max(1, min(len(steps), round(fraction * len(steps))))
+            chosen = steps[torch.randperm(len(steps), generator=gen)[:k]]
+            chunk = torch.arange(k) % num_chunks
+            rows.append(torch.stack([torch.full_like(chosen, i), chosen, chunk], dim=1))
+    return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.long)
 
 
-def _micro_batches(chunk: torch.Tensor, experts: torch.Tensor, size: int):
-    """Split rows (sample, step) into micro-batches of one expert each, in (expert, step) order."""
-    owner = experts[chunk[:, 1]]
-    for e in owner.unique().tolist():
-        rows = chunk[owner == e]
-        rows = rows[torch.argsort(rows[:, 1] * 1_000_000 + rows[:, 0])]
-        for start in range(0, len(rows), size):
-            yield e, rows[start : start + size]
+def _micro_batches(rows: torch.Tensor, experts: torch.Tensor, size: int):
+    """Split rows (sample, step, ...) into micro-batches of one expert each, in (expert, step, sample) order."""
+    owner = experts[rows[:, 1]]
+    for e in (0, 1):
+        mine = rows[owner == e]
+        mine = mine[torch.argsort(mine[:, 1] * 1_000_000 + mine[:, 0])]
+        for start in range(0, len(mine), size):
+            yield e, mine[start : start + size]
 
 
 def policy_update(
@@ -62,23 +71,35 @@ def policy_update(
     policy,
     traj: Trajectory,
     advantages: torch.Tensor,  # (N,)
-    transitions: torch.Tensor,  # (M, 2)
+    weights: torch.Tensor,  # (N,) 1 trained, 0 left out
+    transitions: torch.Tensor,  # (M, 3) rows (sample, step, chunk)
     cond: torch.Tensor,  # (N, L, D)
     uncond: torch.Tensor | None,  # (N, L, D)
     *,
     cfg,
     device: torch.device,
-    generator: torch.Generator,
     progress=None,
 ) -> list[UpdateStats]:
-    """``cfg.optimizer_steps_per_rollout`` optimizer steps over the shuffled transitions."""
+    """``cfg.optimizer_steps_per_rollout`` optimizer steps over the selected transitions.
+
+    ``weights`` (N_local,) is 1 for trained samples and 0 for those best-of-n or zero-variance
+    groups left out; weight-0 samples are still replayed when several ranks train (equal passes).
+    Each step's loss is the mean over the weighted transitions of ALL ranks; FSDP averages
+    gradients over ranks, so each rank scales its sum by world_size / global count.
+    """
     k = max(1, cfg.optimizer_steps_per_rollout)
-    order = transitions[torch.randperm(len(transitions), generator=generator)]
+    world = world_size()
+    if world == 1:
+        transitions = transitions[weights[transitions[:, 0]] > 0]
     results = []
-    for chunk in order.tensor_split(k) if len(order) else [order] * k:
+    for j in range(k):
+        chunk = transitions[transitions[:, 2] == j]
         stats = UpdateStats()
         policy.optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "ratio": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "kl": 0.0}
+        local_count = weights[chunk[:, 0]].sum() if len(chunk) else torch.zeros(())
+        global_count = float(all_reduce_sum(local_count.float().reshape(1)))
+        scale = world / max(global_count, 1.0)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss, ratio, clipfrac, approx_kl, kl
         finite = True
         for expert, rows in _micro_batches(chunk, traj.experts, max(1, cfg.train_batch_size)):
             if expert not in policy.experts:
@@ -88,6 +109,7 @@ def policy_update(
             out = replay.replay_transitions(denoiser, traj, s, t, cond[s.to(cond.device)], unc,
                                             expert=expert, device=device)
             adv = advantages[s].to(device)
+            w = weights[s].to(device, torch.float32)
             old = traj.log_probs[s, t].to(device)
             per_transition, st = ppo_clip_loss(out.log_prob, old, adv, cfg.clip_range)
             kl = torch.zeros_like(per_transition)
@@ -96,26 +118,29 @@ def policy_update(
                     ref = replay.replay_transitions(ref_denoiser, traj, s, t, cond[s.to(cond.device)], unc,
                                                     expert=expert, device=device)
                 kl = gaussian_kl(out.mean, ref.mean, out.std)
-            loss = (per_transition + cfg.kl_coef * kl).sum() / len(chunk)
+            loss = (w * (per_transition + cfg.kl_coef * kl)).sum() * scale
             if not torch.isfinite(loss):
-                finite = False
-                break
+                finite = False  # keep going: every rank must run the same passes
+                loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0
             loss.backward()
-            sums["loss"] += float(loss.detach())
-            sums["ratio"] += float(st["ratio"].sum())
-            sums["clipfrac"] += float(st["clipfrac"].sum())
-            sums["approx_kl"] += float(st["approx_kl"].sum())
-            sums["kl"] += float(kl.detach().sum())
-            stats.trained_steps[EXPERT_NAMES[expert]] += len(rows)
+            sums += torch.tensor([float(loss.detach()) / world, float((w * st["ratio"]).sum()),
+                                  float((w * st["clipfrac"]).sum()), float((w * st["approx_kl"]).sum()),
+                                  float((w * kl.detach()).sum())], dtype=torch.float64)
+            stats.trained_steps[EXPERT_NAMES[expert]] += int(w.sum())
             if progress is not None:
                 progress(len(rows))
-        n = max(1, len(chunk))
-        stats.loss = sums["loss"]
-        stats.ratio_mean, stats.clipfrac = sums["ratio"] / n, sums["clipfrac"] / n
-        stats.approx_kl, stats.kl = sums["approx_kl"] / n, sums["kl"] / n
+        sums = all_reduce_sum(sums)
+        finite = bool(all_reduce_sum(torch.tensor([0.0 if finite else 1.0])) == 0)
+        for name in EXPERT_NAMES:
+            stats.trained_steps[name] = int(all_reduce_sum(torch.tensor([stats.trained_steps[name]]))[0])
+        n = max(1.0, global_count)
+        stats.loss = float(sums[0])
+        stats.ratio_mean, stats.clipfrac = float(sums[1]) / n, float(sums[2]) / n
+        stats.approx_kl, stats.kl = float(sums[3]) / n, float(sums[4]) / n
         for idx, params in policy.params.items():
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
             stats.grad_norm[EXPERT_NAMES[idx]] = float(norm)
             finite = finite and bool(torch.isfinite(norm))
         if not finite:

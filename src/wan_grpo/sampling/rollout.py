@@ -133,7 +133,7 @@ def rollout(
     negative_embeds: torch.Tensor | None,
     *,
     config: SamplerConfig,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     record: bool = True,
     storage_dtype: torch.dtype = torch.float32,
     storage_device: torch.device | str | None = None,
@@ -190,48 +190,49 @@ def rollout(
     return latents, traj
 
 
-def group_noise(shape_one: tuple[int, ...], *, num_prompts: int, num_generations: int, share_noise: bool,
-                generator: torch.Generator | None, device) -> torch.Tensor:
-    """(num_prompts * num_generations, ...) initial noise, prompt-major; optionally one per group."""
-    if share_noise:
-        per_group = initial_noise((num_prompts, *shape_one[1:]), generator=generator, device=device)
-        return per_group.repeat_interleave(num_generations, dim=0)
-    return initial_noise((num_prompts * num_generations, *shape_one[1:]), generator=generator, device=device)
+def sample_seed(base_seed: int, rollout_index: int, sample_index: int) -> int:
+    """Seed of one sample: a function of its GLOBAL index, so any world size or micro-batching draws
+    the same noise for it. Streams: 4s initial noise, 4s+1 SDE noise, 4s+2 timestep subset."""
+    return (base_seed * 1_000_003 + rollout_index) * 100_003 + sample_index
+
+
+def stream(seed: int, purpose: int) -> torch.Generator:
+    return torch.Generator().manual_seed(4 * int(seed) + purpose)
 
 
 def rollout_groups(
     denoiser,
-    prompt_embeds: torch.Tensor,
+    prompt_embeds: torch.Tensor,  # (P, L, D): one row per sample's prompt, P = len(seeds)
     negative_embeds: torch.Tensor | None,  # (1, L, D): one negative prompt for all
     *,
     latent_shape_one: tuple[int, ...],
-    num_generations: int,
+    seeds: list[int],
+    noise_seeds: list[int] | None = None,
     config: SamplerConfig,
-    generator: torch.Generator | None,
     micro_batch: int = 0,
-    share_noise: bool = False,
     storage_dtype: torch.dtype = torch.float32,
     storage_device=None,
     progress=None,
 ) -> Trajectory:
-    """``num_generations`` recorded samples for each of the P prompts (embeds: (P, L, D)).
-
-    Samples are ordered prompt-major: sample k belongs to prompt k // num_generations.
-    ``micro_batch`` (0 = all at once) bounds how many samples go through the model together.
+    """One recorded sample per seed. Sample k's SDE noise comes from its own generator seeded with
+    ``seeds[k]``, its initial noise from ``noise_seeds[k]`` (default: the same seed; give samples of a
+    group one noise seed to share initial noise). ``micro_batch`` (0 = all) bounds a model call.
     """
     device = prompt_embeds.device
-    num_prompts = prompt_embeds.shape[0]
-    total = num_prompts * num_generations
-    noise = group_noise(latent_shape_one, num_prompts=num_prompts, num_generations=num_generations,
-                        share_noise=share_noise, generator=generator, device=device)
-    cond = prompt_embeds.repeat_interleave(num_generations, dim=0)
+    total = len(seeds)
+    if prompt_embeds.shape[0] != total:
+        raise ValueError(f"{prompt_embeds.shape[0]} prompt rows for {total} samples")
+    noise_seeds = list(seeds) if noise_seeds is None else list(noise_seeds)
+    noise = torch.cat([initial_noise((1, *latent_shape_one[1:]), generator=stream(s, 0),
+                                     device=device) for s in noise_seeds])
     uncond = None if negative_embeds is None else negative_embeds[:1].expand(total, -1, -1)
     step = micro_batch if micro_batch > 0 else total
     parts = []
     for start in range(0, total, step):
         sl = slice(start, min(start + step, total))
-        _, traj = rollout(denoiser, noise[sl], cond[sl], None if uncond is None else uncond[sl], config=config,
-                          generator=generator, storage_dtype=storage_dtype, storage_device=storage_device)
+        gens = [stream(s, 1) for s in seeds[sl]]
+        _, traj = rollout(denoiser, noise[sl], prompt_embeds[sl], None if uncond is None else uncond[sl],
+                          config=config, generator=gens, storage_dtype=storage_dtype, storage_device=storage_device)
         parts.append(traj)
         if progress is not None:
             progress(sl.stop - sl.start)

@@ -1,0 +1,90 @@
+"""Process groups and the few collectives the trainer needs (torch.distributed underneath).
+
+Work division (global batch of N = batch_size * num_generations samples, W ranks):
+
+    global sample g:   0 1 2 3 | 4 5 6 7 | ...      prompt p = g // num_generations
+    rank r holds:      g in [r*N/W, (r+1)*N/W)       (a group may span ranks)
+
+Every sample's noise is seeded by g, rewards are all-gathered so every rank computes the same
+advantages, and each rank replays only its own samples, the same number of passes per expert.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(*, device_type: str, need_group: bool) -> DistInfo:
+    """Join torchrun's group (nccl on CUDA, gloo on CPU); a single process gets a 1-rank group only
+    when ``need_group`` (FSDP2 needs one)."""
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not under_torchrun and not need_group:
+        return DistInfo()
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if not under_torchrun:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of all ranks along dim 0, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

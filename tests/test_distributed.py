@@ -1,0 +1,112 @@
+"""torchrun + FSDP2 (gloo, CPU): the same results on 1 and 2 processes, resume across world sizes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from wan_grpo.cli import main
+from wan_grpo.grpo.metrics import read_metrics
+
+COMMON = ["--task", "tiny", "--num_generations", "4", "--lora_rank", "0", "--learning_rate", "1e-4",
+          "--num_epochs", "10", "--tensorboard", "false", "--dit_fsdp", "true"]
+TIMING = {"rollout_seconds", "reward_seconds", "train_seconds"}
+
+
+def torchrun(*args, nproc=2, timeout=240):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "wan_grpo", "train", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)  # a hang fails, never blocks CI
+    return out.returncode, out.stdout + out.stderr
+
+
+def weights(ckpt, sub):
+    return load_file(ckpt / sub / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_rows(a, b, *, tol=1e-5):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ra.keys() - TIMING:
+            va, vb = ra[key], rb[key]
+            if isinstance(va, float):
+                assert va == pytest.approx(vb, rel=tol, abs=tol), (ra["step"], key, va, vb)
+            else:
+                assert va == vb, (ra["step"], key)
+
+
+@pytest.fixture(scope="module")
+def two_proc_run(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("dist") / "two"
+    rc, log = torchrun(*COMMON, "--max_steps", "3", "--save_interval", "1", "--save_dir", str(save_dir))
+    assert rc == 0, log[-3000:]
+    return save_dir
+
+
+def test_two_processes_equal_one_process(tmp_path, two_proc_run):
+    one = tmp_path / "one"
+    assert main(["train", *COMMON, "--max_steps", "3", "--save_interval", "1", "--save_dir", str(one)]) == 0
+    rows_2, rows_1 = read_metrics(two_proc_run), read_metrics(one)
+    assert len(rows_2) == 3
+    assert [r["reward_mean"] for r in rows_2] == pytest.approx([r["reward_mean"] for r in rows_1], abs=1e-6)
+    assert all(r["trained_steps_high"] > 0 and r["trained_steps_low"] > 0 for r in rows_2)
+    from wan_grpo.models.tiny import build_tiny_components
+
+    init = build_tiny_components(0)
+    initial = {"transformer": init.transformer.state_dict(), "transformer_2": init.transformer_2.state_dict()}
+    for sub in ("transformer", "transformer_2"):
+        a, b = weights(two_proc_run / "checkpoint-1", sub), weights(one / "checkpoint-1", sub)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+        assert any(not torch.equal(a[k], initial[sub][k]) for k in a), f"{sub} was not trained"
+
+
+def test_resume_across_world_sizes(tmp_path, two_proc_run):
+    full = tmp_path / "full"
+    assert main(["train", *COMMON, "--max_steps", "4", "--save_dir", str(full)]) == 0
+    reference = read_metrics(full)
+
+    # stopped on 2 processes at step 2 (checkpoint-2 of the shared run), resumed on 1
+    resumed_on_1 = tmp_path / "r1"
+    assert main(["train", *COMMON, "--max_steps", "4", "--save_dir", str(resumed_on_1),
+                 "--resume", str(two_proc_run / "checkpoint-2")]) == 0
+    assert_same_rows(read_metrics(resumed_on_1), reference[2:])
+
+    # stopped on 1 process at step 2, resumed on 2
+    part = tmp_path / "part"
+    assert main(["train", *COMMON, "--max_steps", "2", "--save_dir", str(part)]) == 0
+    rc, log = torchrun(*COMMON, "--max_steps", "4", "--save_dir", str(part), "--resume", "auto")
+    assert rc == 0, log[-3000:]
+    assert_same_rows(read_metrics(part), reference)
+    for sub in ("transformer", "transformer_2"):
+        a, b = weights(part / "checkpoint-4", sub), weights(full / "checkpoint-4", sub)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+
+
+def test_uneven_split_is_rejected_up_front(tmp_path):
+    rc, log = torchrun(*COMMON, "--num_generations", "3", "--save_dir", str(tmp_path / "x"), timeout=120)
+    assert rc != 0
+    assert "3 samples do not split over 2 processes" in log
+
+
+def test_several_processes_need_fsdp(tmp_path):
+    rc, log = torchrun("--task", "tiny", "--num_generations", "2", "--save_dir", str(tmp_path / "y"), timeout=120)
+    assert rc != 0 and "need --dit_fsdp" in log
+
+
+def test_lora_gradient_checkpointing_kl_and_several_optimizer_steps_under_fsdp(tmp_path):
+    save_dir = tmp_path / "lora"
+    rc, log = torchrun("--task", "tiny", "--dit_fsdp", "--num_generations", "2", "--batch_size", "2",
+                       "--max_steps", "4", "--optimizer_steps_per_rollout", "2", "--lora_rank", "4",
+                       "--learning_rate", "2e-2", "--gradient_checkpointing", "--kl_coef", "0.1",
+                       "--tensorboard", "false", "--save_dir", str(save_dir))
+    assert rc == 0, log[-3000:]
+    rows = read_metrics(save_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[0]["kl"] == 0 and rows[-1]["kl"] > 0
+    assert abs(rows[0]["ratio_mean"] - 1) <= 1e-6 and abs(rows[1]["ratio_mean"] - 1) > 1e-7
+    for sub in ("transformer", "transformer_2"):
+        lora = load_file(save_dir / "checkpoint-4" / sub / "pytorch_lora_weights.safetensors")
+        assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
+        assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
