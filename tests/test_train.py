@@ -32,7 +32,7 @@ def test_demo_config_raises_reward(tmp_path):
     first = sum(r["reward_mean"] for r in rows[:10]) / 10
     last = sum(r["reward_mean"] for r in rows[-10:]) / 10
     within_group_std = sum(r["reward_std"] for r in rows[:10]) / 10
-    assert last - first > 0.015, (first, last)  # measured +0.028, about 10x the reward std
+    assert last - first > 0.015, (first, last)  # measured +0.027, about 10x the reward std
     assert last - first > 5 * within_group_std
     for key in ("reward_brightness_mean", "advantage_abs_mean", "loss", "ratio_mean", "clipfrac", "approx_kl",
                 "grad_norm_high", "grad_norm_low", "trained_steps_high", "trained_steps_low", "lr",

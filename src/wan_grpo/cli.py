@@ -29,6 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
                              description="GRPO training of one or both Wan2.2 experts.")
     p_train.add_argument("--config", help="YAML file whose keys are these flags' names (flags override it).")
     add_config_arguments(p_train, TrainConfig)
+    from wan_grpo.evaluate import EvalConfig
+
+    p_eval = sub.add_parser("eval", help="Sample a prompt set deterministically and score every video.",
+                            description="Evaluate a model (optionally with a train checkpoint) on a prompt set.")
+    add_config_arguments(p_eval, EvalConfig)
+    p_report = sub.add_parser("report", help="Plots and an HTML page for a train run.",
+                              description="Write SAVE_DIR/report/: PNG plots and index.html.")
+    p_report.add_argument("save_dir", help="The --save_dir of a train run (holds metrics.jsonl).")
     return parser
 
 
@@ -40,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
             from wan_grpo.sample import run_sample
 
             run_sample(build_config(SampleConfig, args))
+        elif args.command == "eval":
+            from wan_grpo.evaluate import EvalConfig, run_eval
+
+            run_eval(build_config(EvalConfig, args))
+        elif args.command == "report":
+            from wan_grpo.report import write_report
+
+            write_report(args.save_dir)
         else:
             from wan_grpo.grpo.config import TrainConfig
             from wan_grpo.grpo.trainer import train

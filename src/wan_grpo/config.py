@@ -128,7 +128,7 @@ def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None 
         data = load_yaml(config_file)
         _check_keys(cls, data, config_file)
         values.update(data)
-    flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config", "func")}
+    flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}
     _check_keys(cls, flags, "the command line")
     values.update(flags)
     hints = typing.get_type_hints(cls)

@@ -20,12 +20,14 @@ def _table(cls, skip=()) -> list[str]:
 
 def flag_tables() -> str:
     from wan_grpo.config import ModelConfig, SampleConfig
+    from wan_grpo.evaluate import EvalConfig
     from wan_grpo.grpo.config import TrainConfig
 
     shared = {f.name for f in dataclasses.fields(ModelConfig)}
     out = ["### Model and sampling (both commands)", "", *_table(ModelConfig), "",
            "### `sample` only", "", *_table(SampleConfig, skip=shared), "",
-           "### `train` only", "", *_table(TrainConfig, skip=shared)]
+           "### `train` only", "", *_table(TrainConfig, skip=shared), "",
+           "### `eval` only", "", *_table(EvalConfig, skip=shared)]
     return "\n".join(out) + "\n"
 
 

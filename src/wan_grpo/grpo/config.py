@@ -63,5 +63,8 @@ class TrainConfig(ModelConfig):
     save_interval: int = opt(0, "Checkpoint every N steps (0: only at the end).")
     sample_interval: int = opt(0, "Write the first rollout video of every N-th step to samples/ (0: off).")
     log_interval: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).")
+    eval_interval: int = opt(0, "Every N rollouts, sample --eval_prompts deterministically (UniPC, fixed seeds) "
+                                "and log eval_<component>_mean (0: off).")
+    eval_prompts: str | None = opt(None, "Held-out prompts for --eval_interval (.txt or .jsonl).")
     resume: str | None = opt(None, "auto (newest complete checkpoint in --save_dir) or a checkpoint path.")
     tensorboard: bool = opt(True, "Also log metrics to TensorBoard under SAVE_DIR/tb.")

@@ -86,6 +86,7 @@ class Run:
     save_dir: Path
     counters: dict
     dist: DistInfo
+    eval_prompts: list[str]
 
     def local_slice(self, total: int) -> slice:
         per = total // self.dist.world_size
@@ -170,6 +171,8 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
         "reward_seconds": t2 - t1,
         "train_seconds": t3 - t2,
     }
+    if run.eval_prompts and cfg.eval_interval and (r + 1) % cfg.eval_interval == 0:
+        base.update(evaluate_policy(run))
     rows = []
     for j, u in enumerate(updates):
         rows.append({
@@ -183,6 +186,18 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             "dropped_groups": run.counters["dropped_groups"],
         })
     return rows
+
+
+def evaluate_policy(run: Run) -> dict:
+    """Mean of every reward component over the held-out prompts, sampled deterministically."""
+    from wan_grpo.evaluate import generate_and_score, summarize
+
+    for e in run.policy.experts.values():
+        e.eval()
+    rows = generate_and_score(run.components, run.denoiser, run.cache, run.rewards, run.eval_prompts, run.cfg,
+                              solver="unipc", num_samples=1, device=run.device, video_dir=None)
+    names = [c for reward in run.rewards for c in reward.components]
+    return {f"eval_{c}_mean": s["mean"] for c, s in summarize(rows, names).items()}
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -208,6 +223,9 @@ def setup(cfg: TrainConfig) -> Run:
                                    vq_coef=cfg.vq_coef, mq_coef=cfg.mq_coef, ta_coef=cfg.ta_coef,
                                    reward_model_path=cfg.reward_model_path)
     prompts = load_prompts(cfg.prompts)
+    if cfg.eval_interval and not cfg.eval_prompts:
+        raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
+    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_interval else []
     width, height = parse_size(cfg.size)
     shape_one = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
     sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
@@ -217,7 +235,7 @@ def setup(cfg: TrainConfig) -> Run:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     # The text encoder runs once per distinct prompt and is freed (so --t5_fsdp has nothing to shard).
-    cache = encode_all(components, prompts, cfg.negative_prompt, device=device, dtype=dtype)
+    cache = encode_all(components, prompts + eval_prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
@@ -225,7 +243,7 @@ def setup(cfg: TrainConfig) -> Run:
     return Run(cfg=cfg, components=components, denoiser=denoiser, policy=policy, cache=cache, rewards=rewards,
                coefs=coefs, sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
                seed=cfg.seed), device=device, save_dir=save_dir, counters={"skipped_updates": 0, "dropped_groups": 0},
-               dist=info)
+               dist=info, eval_prompts=eval_prompts)
 
 
 def train(cfg: TrainConfig) -> Path:

@@ -1,0 +1,188 @@
+"""``wan-grpo eval``: deterministic sampling on a prompt set, every video scored, base-vs-trained tables.
+
+Seeds are per prompt (``seed + 1000 * prompt_index + k``), so a base model and a trained one are
+compared on the same initial noise. Sampling is deterministic (UniPC, or Euler).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import WanTransformer3DModel
+
+from wan_grpo.config import ModelConfig, opt, parse_size
+from wan_grpo.errors import UserError
+from wan_grpo.grpo.data import load_prompts
+from wan_grpo.models.denoiser import MoEDenoiser
+from wan_grpo.models.vae import decode_latents
+from wan_grpo.rewards import build_rewards, score
+from wan_grpo.runtime import encode_all, load_model, place
+from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
+from wan_grpo.video import write_mp4
+
+log = logging.getLogger("wan_grpo")
+EXPERT_DIRS = ("transformer", "transformer_2")
+
+
+@dataclass
+class EvalConfig(ModelConfig):
+    prompts: str | None = opt(None, "Evaluation prompts (.txt or .jsonl). Default: the design sketch's five.")
+    reward: str | None = opt(None, "Rewards as for train. Default: brightness for --task tiny, else videoalign.")
+    reward_model_path: str | None = opt(None, "VideoAlign checkpoint directory (for --reward videoalign).")
+    lora: str | None = opt(None, "A train checkpoint folder (checkpoint-<step>) whose LoRA or full weights are "
+                                 "applied to the experts it contains.")
+    save_dir: str = opt("./eval", "Output folder: eval.json, eval.csv, videos/, and compare files.")
+    num_samples: int = opt(1, "Videos per prompt (seeds seed + 1000 * prompt_index + k).")
+    eval_solver: str = opt("unipc", "Deterministic solver: unipc or euler.", choices=("unipc", "euler"))
+    compare_to: str | None = opt(None, "An earlier eval folder (e.g. of the base model) to compare against.")
+
+
+def apply_checkpoint(components, ckpt: str | Path) -> list[str]:
+    """Load a train checkpoint's exported experts into ``components``; returns the experts changed."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"--lora {ckpt} does not exist; pass a checkpoint-<step> folder of a train run")
+    changed = []
+    for idx, sub in enumerate(EXPERT_DIRS):
+        folder = ckpt / sub
+        model = (components.transformer, components.transformer_2)[idx]
+        if not folder.is_dir():
+            continue
+        if model is None:
+            raise UserError(f"{folder} exists but this model has no {sub}; evaluate with the checkpoint's model")
+        if (folder / "pytorch_lora_weights.safetensors").is_file():
+            model.load_lora_adapter(str(folder), weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
+        elif (folder / "config.json").is_file():
+            trained = WanTransformer3DModel.from_pretrained(folder, torch_dtype=model.dtype)
+            model.load_state_dict(trained.state_dict())
+        else:
+            raise UserError(f"{folder} holds neither pytorch_lora_weights.safetensors nor a model; pick a train "
+                            "checkpoint folder")
+        changed.append(sub)
+    if not changed:
+        raise UserError(f"--lora {ckpt} has no transformer/ or transformer_2/ folder; pass checkpoint-<step>")
+    return changed
+
+
+def stderr(values: list[float]) -> float:
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+
+
+def summarize(rows: list[dict], components: list[str]) -> dict:
+    return {c: {"mean": float(np.mean([r[c] for r in rows])), "stderr": stderr([r[c] for r in rows]),
+                "n": len(rows)} for c in components}
+
+
+@torch.no_grad()
+def generate_and_score(components, denoiser, cache, rewards, prompts: list[str], cfg, *, solver: str,
+                       num_samples: int, device, video_dir: Path | None) -> list[dict]:
+    """One row per video: prompt, prompt_index, seed, video file, and every reward component."""
+    width, height = parse_size(cfg.size)
+    shape = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
+    sampler = SamplerConfig(solver=solver, steps=cfg.sampling_steps, shift=cfg.sample_shift)
+    uncond = cache.get([cfg.negative_prompt])
+    rows = []
+    for i, prompt in enumerate(prompts):
+        for k in range(num_samples):
+            seed = cfg.seed + 1000 * i + k
+            noise = initial_noise(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device)
+            cond = cache.get([prompt])
+            if sampler.solver == "unipc":
+                latents = sample_unipc(denoiser, noise, cond, uncond, config=sampler,
+                                       scheduler_config=components.scheduler_config)
+            else:
+                latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, record=False)
+            video = decode_latents(components.vae, latents)[0]
+            row = {"prompt": prompt, "prompt_index": i, "seed": seed}
+            if video_dir is not None:
+                path = write_mp4(video_dir / f"p{i:03d}_s{k:02d}.mp4", video.numpy(), fps=cfg.fps)
+                row["video"] = str(path.relative_to(video_dir.parent))
+            row.update({c: float(v[0]) for c, v in score(rewards, [video], [prompt], fps=cfg.fps).items()})
+            rows.append(row)
+    return rows
+
+
+def run_eval(cfg: EvalConfig) -> Path:
+    if cfg.num_samples < 1:
+        raise UserError("--num_samples must be >= 1")
+    components, cfg, device, dtype = load_model(cfg)
+    rewards, _ = build_rewards(cfg.reward or ("brightness" if cfg.task == "tiny" else "videoalign"),
+                               vq_coef=1.0, mq_coef=1.0, ta_coef=1.0, reward_model_path=cfg.reward_model_path)
+    prompts = load_prompts(cfg.prompts)
+    base = None
+    if cfg.compare_to:
+        base = json.loads(_eval_json(cfg.compare_to).read_text())
+    if cfg.lora:
+        log.info("applied %s from %s", ", ".join(apply_checkpoint(components, cfg.lora)), cfg.lora)
+    cache = encode_all(components, prompts, cfg.negative_prompt, device=device, dtype=dtype)
+    place(components, device)
+    denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
+                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    out = Path(cfg.save_dir)
+    rows = generate_and_score(components, denoiser, cache, rewards, prompts, cfg, solver=cfg.eval_solver,
+                              num_samples=cfg.num_samples, device=device, video_dir=out / "videos")
+    names = [c for r in rewards for c in r.components]
+    result = {"config": dataclasses.asdict(cfg), "components": names, "videos": rows,
+              "summary": summarize(rows, names)}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    with (out / "eval.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt_index", "seed", "prompt", "video", *names])
+        writer.writeheader()
+        writer.writerows(rows)
+    for c, s in result["summary"].items():
+        print(f"{c}: {s['mean']:.4f} +- {s['stderr']:.4f} (n={s['n']})")
+    if base is not None:
+        compare(base, result, out, base_dir=Path(cfg.compare_to), fps=cfg.fps)
+    print(f"eval: {out / 'eval.json'}, {out / 'eval.csv'}")
+    return out
+
+
+def _eval_json(folder: str | Path) -> Path:
+    path = Path(folder) / "eval.json"
+    if not path.is_file():
+        raise UserError(f"--compare_to {folder} has no eval.json; pass the save_dir of an earlier wan-grpo eval")
+    return path
+
+
+def compare(base: dict, trained: dict, out: Path, *, base_dir: Path, fps: int) -> dict:
+    """Paired per-video deltas per component, a markdown table, and a side-by-side mp4 per prompt."""
+    from wan_grpo.video import read_mp4
+
+    key = lambda r: (r["prompt_index"], r["seed"])  # noqa: E731
+    base_rows = {key(r): r for r in base["videos"]}
+    pairs = [(base_rows[key(r)], r) for r in trained["videos"] if key(r) in base_rows]
+    if not pairs:
+        raise UserError("--compare_to shares no (prompt, seed) with this eval; use the same prompts and --seed")
+    table = {}
+    for c in trained["components"]:
+        if c not in base["components"]:
+            continue
+        deltas = [t[c] - b[c] for b, t in pairs]
+        table[c] = {"base": float(np.mean([b[c] for b, _ in pairs])),
+                    "trained": float(np.mean([t[c] for _, t in pairs])),
+                    "delta": float(np.mean(deltas)), "delta_stderr": stderr(deltas), "n": len(pairs)}
+    lines = ["| component | base | trained | delta | stderr | n |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c} | {v['base']:.4f} | {v['trained']:.4f} | {v['delta']:+.4f} | {v['delta_stderr']:.4f} | "
+              f"{v['n']} |" for c, v in table.items()]
+    (out / "compare.md").write_text("\n".join(lines) + "\n")
+    (out / "compare.json").write_text(json.dumps(table, indent=2))
+    print("\n".join(lines))
+    seen = set()
+    for b, t in pairs:
+        if b["prompt_index"] in seen or "video" not in b or "video" not in t:
+            continue
+        seen.add(b["prompt_index"])
+        left, right = read_mp4(base_dir / b["video"]), read_mp4(out / t["video"])
+        n = min(len(left), len(right))
+        write_mp4(out / "compare" / f"prompt_{b['prompt_index']:03d}.mp4",
+                  np.concatenate([left[:n], right[:n]], axis=2), fps=fps)
+    return table
