@@ -7,7 +7,7 @@ Sigmas, timesteps and the expert of each step are shared by all samples of a rol
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -51,7 +51,6 @@ class Trajectory:
     trainable: torch.Tensor  # (T,) bool: stochastic steps (SDE window and std > 0)
     sde_type: str = "flow"
     noise_level: float = 0.7
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_samples(self) -> int:
@@ -65,15 +64,6 @@ class Trajectory:
     def final_latents(self) -> torch.Tensor:
         return self.latents[:, -1]
 
-    def select(self, index: torch.Tensor | list[int]) -> "Trajectory":
-        index = torch.as_tensor(index, dtype=torch.long)
-        return Trajectory(
-            latents=self.latents[index.to(self.latents.device)],
-            log_probs=self.log_probs[index.to(self.log_probs.device)],
-            sigmas=self.sigmas, timesteps=self.timesteps, experts=self.experts, trainable=self.trainable,
-            sde_type=self.sde_type, noise_level=self.noise_level, extras=dict(self.extras),
-        )
-
     @staticmethod
     def concat(parts: list["Trajectory"]) -> "Trajectory":
         first = parts[0]
@@ -81,7 +71,7 @@ class Trajectory:
             latents=torch.cat([p.latents for p in parts]),
             log_probs=torch.cat([p.log_probs for p in parts]),
             sigmas=first.sigmas, timesteps=first.timesteps, experts=first.experts, trainable=first.trainable,
-            sde_type=first.sde_type, noise_level=first.noise_level, extras=dict(first.extras),
+            sde_type=first.sde_type, noise_level=first.noise_level,
         )
 
 
