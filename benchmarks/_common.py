@@ -27,6 +27,15 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_model_args(p: argparse.ArgumentParser, *, frame_num: int = 17) -> None:
+    """Size of the random experts and of the video."""
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--head_dim", type=int, default=32)
+    p.add_argument("--size", default="64*64")
+    p.add_argument("--frame_num", type=int, default=frame_num)
+
+
 def components(*, layers: int, heads: int, head_dim: int, device):
     """The tiny model's VAE/text parts with two random experts of the given size (boundary 0.875)."""
     torch.manual_seed(0)

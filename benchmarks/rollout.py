@@ -7,7 +7,7 @@ number of videos; latents out (no VAE). Ratio = our time / diffusers' time (belo
 from __future__ import annotations
 
 import torch
-from _common import components, device_from, parser, record, timed
+from _common import add_model_args, components, device_from, parser, record, timed
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 from wan_grpo.models.denoiser import MoEDenoiser
@@ -16,11 +16,7 @@ from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape
 
 def main():
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head_dim", type=int, default=32)
-    p.add_argument("--size", default="64*64")
-    p.add_argument("--frame_num", type=int, default=17)
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--videos", type=int, default=4)
     args = p.parse_args()

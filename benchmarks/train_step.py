@@ -8,7 +8,7 @@ the "no CFG" row isolates the cost of the log-prob and loss math.
 from __future__ import annotations
 
 import torch
-from _common import components, device_from, parser, record, timed
+from _common import add_model_args, components, device_from, parser, record, timed
 
 from wan_grpo.grpo.loss import ppo_clip_loss
 from wan_grpo.grpo.replay import replay_transitions
@@ -18,11 +18,7 @@ from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_group
 
 def main():
     p = parser(__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--head_dim", type=int, default=32)
-    p.add_argument("--size", default="64*64")
-    p.add_argument("--frame_num", type=int, default=17)
+    add_model_args(p)
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args()
     if args.smoke:
