@@ -66,3 +66,16 @@ def test_sde_with_zero_noise_equals_euler(tmp_path, tiny_ckpt):
     torch.testing.assert_close(sde, euler, rtol=1e-6, atol=1e-6)
     noisy = run_ours(tmp_path, tiny_ckpt, "sde", extra=("--noise_level", "0.7"))
     assert rel_err(noisy, euler) > 1e-2
+
+
+def test_expert_split_per_shift(tiny_components):
+    import copy
+
+    from wan_grpo.runtime import describe_split
+
+    c = copy.copy(tiny_components)
+    # REFERENCE.md: 40 UniPC steps at shift 12 give the high-noise expert 26 steps, at shift 3 only 13
+    assert "26 high-noise + 14 low-noise" in describe_split(c, steps=40, shift=12.0, solver="unipc")
+    assert "13 high-noise + 27 low-noise" in describe_split(c, steps=40, shift=3.0, solver="unipc")
+    # the Euler/SDE schedule (FlowMatchEulerDiscreteScheduler) ends at a smaller sigma: one step fewer
+    assert "25 high-noise + 15 low-noise" in describe_split(c, steps=40, shift=12.0, solver="sde")

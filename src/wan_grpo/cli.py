@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval = sub.add_parser("eval", help="Sample a prompt set deterministically and score every video.",
                             description="Evaluate a model (optionally with a train checkpoint) on a prompt set.")
     add_config_arguments(p_eval, EvalConfig)
+    from wan_grpo.plan import PlanConfig
+
+    p_plan = sub.add_parser("plan", help="Estimate accelerator memory per process, loading nothing.",
+                            description="Memory per process for a training configuration (exact parameter counts).")
+    add_config_arguments(p_plan, PlanConfig)
     p_report = sub.add_parser("report", help="Plots and an HTML page for a train run.",
                               description="Write SAVE_DIR/report/: PNG plots and index.html.")
     p_report.add_argument("save_dir", help="The --save_dir of a train run (holds metrics.jsonl).")
@@ -52,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
             from wan_grpo.evaluate import EvalConfig, run_eval
 
             run_eval(build_config(EvalConfig, args))
+        elif args.command == "plan":
+            from wan_grpo.plan import PlanConfig, run_plan
+
+            run_plan(build_config(PlanConfig, args))
         elif args.command == "report":
             from wan_grpo.report import write_report
 

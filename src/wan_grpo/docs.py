@@ -22,12 +22,15 @@ def flag_tables() -> str:
     from wan_grpo.config import ModelConfig, SampleConfig
     from wan_grpo.evaluate import EvalConfig
     from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.plan import PlanConfig
 
     shared = {f.name for f in dataclasses.fields(ModelConfig)}
     out = ["### Model and sampling (both commands)", "", *_table(ModelConfig), "",
            "### `sample` only", "", *_table(SampleConfig, skip=shared), "",
            "### `train` only", "", *_table(TrainConfig, skip=shared), "",
-           "### `eval` only", "", *_table(EvalConfig, skip=shared)]
+           "### `eval` only", "", *_table(EvalConfig, skip=shared), "",
+           "### `plan` only (it reads --task, --size and --frame_num of the shared flags)", "",
+           *_table(PlanConfig, skip=shared)]
     return "\n".join(out) + "\n"
 
 

@@ -105,3 +105,23 @@ def encode_all(components, prompts: list[str], negative_prompt: str, *, device, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return cache
+
+
+def describe_split(components, *, steps: int, shift: float, solver: str = "sde") -> str:
+    """'shift S: H high-noise + L low-noise steps' for the schedule ``solver`` uses."""
+    from wan_grpo.models.denoiser import expert_for_timestep
+    from wan_grpo.sampling.schedule import flow_match_schedule, unipc_scheduler
+
+    if components.boundary_ratio is None:
+        return f"shift {shift:g}: {steps} steps on the single expert"
+    if solver == "unipc":
+        scheduler = unipc_scheduler(shift=shift, base_config=components.scheduler_config)
+        scheduler.set_timesteps(steps)
+        timesteps = scheduler.timesteps
+    else:
+        timesteps = flow_match_schedule(steps, shift=shift,
+                                        num_train_timesteps=components.num_train_timesteps).timesteps
+    high = sum(expert_for_timestep(float(t), boundary_ratio=components.boundary_ratio,
+                                   num_train_timesteps=components.num_train_timesteps) == 0 for t in timesteps)
+    return (f"{solver} shift {shift:g}: {high} high-noise + {len(timesteps) - high} low-noise steps "
+            f"(boundary {components.boundary_ratio})")

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from wan_grpo.config import SampleConfig, parse_size
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.runtime import encode_all, load_model, place
+from wan_grpo.runtime import describe_split, encode_all, load_model, place
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.video import write_mp4
 
@@ -42,6 +42,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     log.info("sampling %s with %s: %s, %d frames, %d %s steps, shift %.1f, guidance %.1f/%.1f",
              cfg.task, components.source, cfg.size, cfg.frame_num, cfg.sampling_steps, cfg.sample_solver,
              cfg.sample_shift, cfg.guidance_scale, cfg.guidance_scale_2)
+    log.info("schedule: %s", describe_split(components, steps=cfg.sampling_steps, shift=cfg.sample_shift,
+                                            solver=cfg.sample_solver))
     latents = sample_latents(cfg, components, device, dtype)
     if cfg.save_latents:
         Path(cfg.save_latents).parent.mkdir(parents=True, exist_ok=True)

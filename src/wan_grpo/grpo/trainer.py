@@ -36,7 +36,7 @@ from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
 from wan_grpo.models.denoiser import EXPERT_NAMES, MoEDenoiser
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import build_rewards, score
-from wan_grpo.runtime import encode_all, load_model, place
+from wan_grpo.runtime import describe_split, encode_all, load_model, place
 from wan_grpo.distributed import DistInfo, all_gather_cat, cleanup, init_distributed
 from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
 from wan_grpo.video import write_mp4
@@ -235,6 +235,7 @@ def setup(cfg: TrainConfig) -> Run:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     # The text encoder runs once per distinct prompt and is freed (so --t5_fsdp has nothing to shard).
+    log.info("schedule: %s", describe_split(components, steps=cfg.sampling_steps, shift=cfg.sample_shift))
     cache = encode_all(components, prompts + eval_prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp)
