@@ -110,3 +110,12 @@ def test_lora_gradient_checkpointing_kl_and_several_optimizer_steps_under_fsdp(t
         lora = load_file(save_dir / "checkpoint-4" / sub / "pytorch_lora_weights.safetensors")
         assert lora and all(k.startswith("transformer.") and "lora_" in k for k in lora)
         assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+def test_single_process_fsdp_leaves_the_environment_alone(tmp_path):
+    import os
+
+    before = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    assert main(["train", *COMMON, "--max_steps", "1", "--save_dir", str(tmp_path / "env")]) == 0
+    assert {k: os.environ.get(k) for k in before} == before
+    assert not torch.distributed.is_initialized()

@@ -259,3 +259,30 @@ def test_non_finite_loss_skips_optimizer_step(tmp_path, monkeypatch, caplog):
     initial = tiny.build_tiny_components(0).transformer.state_dict()
     w1 = load_file(save_dir / "checkpoint-1" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(initial[k], w1[k]) for k in w1)
+
+
+def test_offload_model_keeps_one_expert_resident_and_changes_nothing(tmp_path, monkeypatch):
+    from wan_grpo.grpo import trainer
+    from wan_grpo.models.offload import ExpertPlacement
+
+    made = []
+
+    class Recording(ExpertPlacement):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(trainer, "ExpertPlacement", Recording)
+    args = ("--max_steps", "2", "--lora_rank", "0", "--learning_rate", "1e-2")
+    off_dir, off = train(tmp_path, "offload", *args, "--offload_model")
+    on_dir, on = train(tmp_path, "resident", *args)
+    (placement,) = made
+    assert placement.max_resident() == 1
+    loads = [idx for action, idx in placement.history if action == "load"]
+    assert set(loads) == {0, 1} and len(loads) > 4  # rollout, replay and optimizer steps all switch
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]  # noqa: E731
+    assert strip(off) == strip(on)
+    for sub in ("transformer", "transformer_2"):
+        a = load_file(off_dir / "checkpoint-2" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(on_dir / "checkpoint-2" / sub / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)

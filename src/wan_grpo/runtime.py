@@ -87,9 +87,10 @@ def load_model(cfg, *, load_text_encoder: bool = True):
     return components, filled, device, dtype
 
 
-def place(components, device: torch.device) -> None:
-    """Move every loaded module to ``device``."""
-    for module in (components.transformer, components.transformer_2, components.vae, components.text_encoder):
+def place(components, device: torch.device, *, offload_experts: bool = False) -> None:
+    """Move every loaded module to ``device``; with ``offload_experts`` the experts stay on CPU."""
+    experts = () if offload_experts else (components.transformer, components.transformer_2)
+    for module in (*experts, components.vae, components.text_encoder):
         if module is not None:
             module.to(device)
 

@@ -50,13 +50,15 @@ def init_distributed(*, device_type: str, need_group: bool) -> DistInfo:
     if not under_torchrun and not need_group:
         return DistInfo()
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if not under_torchrun:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    if under_torchrun:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:  # a private 1-rank group; the environment is left alone for child processes
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                world_size=1, timeout=timeout)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

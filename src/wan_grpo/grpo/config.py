@@ -50,6 +50,8 @@ class TrainConfig(ModelConfig):
     lora_alpha: float = opt(64.0, "LoRA alpha.")
     lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
                                    "Comma-separated module names that get LoRA adapters.")
+    offload_model: bool = opt(False, "Keep only the active expert (and its optimizer state) on the accelerator; "
+                                     "the other waits on CPU.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     # Distributed (README "Many GPUs")
     t5_fsdp: bool = opt(False, "Accepted for the design sketch's command lines: the text encoder runs once per "

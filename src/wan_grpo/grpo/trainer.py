@@ -34,6 +34,7 @@ from wan_grpo.grpo.metrics import MetricsWriter
 from wan_grpo.grpo.policy import Policy, build_policy
 from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
 from wan_grpo.models.denoiser import EXPERT_NAMES, MoEDenoiser
+from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import build_rewards, score
 from wan_grpo.runtime import describe_split, encode_all, load_model, place
@@ -216,6 +217,8 @@ def setup(cfg: TrainConfig) -> Run:
     if total % info.world_size:
         raise UserError(f"--batch_size x --num_generations = {total} samples do not split over {info.world_size} "
                         "processes; make it a multiple of the process count")
+    if cfg.offload_model and (cfg.dit_fsdp or (cfg.kl_coef > 0 and cfg.lora_rank == 0)):
+        raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
     if cfg.dit_fsdp and cfg.kl_coef > 0 and cfg.lora_rank == 0:
         raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA (--lora_rank)")
     components, cfg, device, dtype = load_model(cfg)
@@ -237,10 +240,14 @@ def setup(cfg: TrainConfig) -> Run:
     # The text encoder runs once per distinct prompt and is freed (so --t5_fsdp has nothing to shard).
     log.info("schedule: %s", describe_split(components, steps=cfg.sampling_steps, shift=cfg.sample_shift))
     cache = encode_all(components, prompts + eval_prompts, cfg.negative_prompt, device=device, dtype=dtype)
-    place(components, device)
+    place(components, device, offload_experts=cfg.offload_model)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    if cfg.offload_model:
+        denoiser.placement = ExpertPlacement((components.transformer, components.transformer_2), device=device,
+                                             enabled=True)
+        denoiser.placement.on_move.append(lambda module, dev: move_optimizer_state(policy.optimizer, module, dev))
     return Run(cfg=cfg, components=components, denoiser=denoiser, policy=policy, cache=cache, rewards=rewards,
                coefs=coefs, sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
                seed=cfg.seed), device=device, save_dir=save_dir, counters={"skipped_updates": 0, "dropped_groups": 0},

@@ -148,7 +148,23 @@ def policy_update(
             policy.optimizer.zero_grad(set_to_none=True)
             stats.skipped = True
         else:
-            policy.optimizer.step()
+            _optimizer_step(policy, denoiser.placement)
             policy.scheduler.step()
         results.append(stats)
     return results
+
+
+def _optimizer_step(policy, placement) -> None:
+    """One AdamW step; under --offload_model expert by expert, each while it is on the device."""
+    if placement is None or not placement.enabled:
+        policy.optimizer.step()
+        return
+    for idx, params in policy.params.items():
+        placement.activate(idx)
+        others = [p for j, ps in policy.params.items() if j != idx for p in ps]
+        stashed = [p.grad for p in others]
+        for p in others:
+            p.grad = None  # AdamW skips parameters without gradients
+        policy.optimizer.step()
+        for p, g in zip(others, stashed):
+            p.grad = g

@@ -34,6 +34,7 @@ class MoEDenoiser:
         g2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         self.guidance = (float(guidance_scale), float(g2))
         self.autocast_dtype = autocast_dtype
+        self.placement = None  # an ExpertPlacement under --offload_model
 
     def expert_index(self, t: float) -> int:
         idx = expert_for_timestep(t, boundary_ratio=self.boundary_ratio, num_train_timesteps=self.num_train_timesteps)
@@ -71,6 +72,8 @@ class MoEDenoiser:
             t = t.expand(batch)
         if expert is None:
             expert = self.expert_index(float(t[0]))
+        if self.placement is not None:
+            self.placement.activate(expert)
         model = self.experts[expert]
         dtype = model.dtype
         x = latents.to(dtype)
