@@ -18,30 +18,26 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wan_grpo.evaluate import EvalConfig
     from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.plan import PlanConfig
 
     parser = OneLineParser(prog="wan-grpo", description="GRPO reinforcement learning for Wan2.2 video models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    p_sample = sub.add_parser("sample", help="Generate one video (unipc, euler or sde solver).",
-                              description="Generate one video from a prompt.")
-    add_config_arguments(p_sample, SampleConfig)
-    p_train = sub.add_parser("train", help="GRPO training (the main job).",
-                             description="GRPO training of one or both Wan2.2 experts.")
-    p_train.add_argument("--config", help="YAML file whose keys are these flags' names (flags override it).")
-    add_config_arguments(p_train, TrainConfig)
-    from wan_grpo.evaluate import EvalConfig
-
-    p_eval = sub.add_parser("eval", help="Sample a prompt set deterministically and score every video.",
-                            description="Evaluate a model (optionally with a train checkpoint) on a prompt set.")
-    add_config_arguments(p_eval, EvalConfig)
-    from wan_grpo.plan import PlanConfig
-
-    p_plan = sub.add_parser("plan", help="Estimate accelerator memory per process, loading nothing.",
-                            description="Memory per process for a training configuration (exact parameter counts).")
-    add_config_arguments(p_plan, PlanConfig)
-    p_report = sub.add_parser("report", help="Plots and an HTML page for a train run.",
-                              description="Write SAVE_DIR/report/: PNG plots and index.html.")
-    p_report.add_argument("save_dir", help="The --save_dir of a train run (holds metrics.jsonl).")
+    commands = [
+        ("sample", SampleConfig, "Generate one video (unipc, euler or sde solver)."),
+        ("train", TrainConfig, "GRPO training of one or both Wan2.2 experts (the main job)."),
+        ("eval", EvalConfig, "Sample a prompt set deterministically and score every video."),
+        ("plan", PlanConfig, "Estimate accelerator memory per process, loading nothing."),
+    ]
+    for name, config_cls, text in commands:
+        command = sub.add_parser(name, help=text, description=text)
+        if name == "train":
+            command.add_argument("--config", help="YAML file whose keys are these flags' names (flags override it).")
+        add_config_arguments(command, config_cls)
+    report = sub.add_parser("report", help="Plots and an HTML page for a train run.",
+                            description="Write SAVE_DIR/report/: PNG plots and index.html.")
+    report.add_argument("save_dir", help="The --save_dir of a train run (holds metrics.jsonl).")
     return parser
 
 
