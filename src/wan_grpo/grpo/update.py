@@ -99,8 +99,8 @@ def policy_update(
         local_count = weights[chunk[:, 0]].sum() if len(chunk) else torch.zeros(())
         global_count = float(all_reduce_sum(local_count.float().reshape(1)))
         scale = world / max(global_count, 1.0)
-        sums = torch.zeros(5, dtype=torch.float64)  # loss, ratio, clipfrac, approx_kl, kl
-        finite = True
+        # loss, ratio, clipfrac, approx_kl, kl, non-finite micro-batches, steps trained (high, low)
+        sums = torch.zeros(8, dtype=torch.float64)
         for expert, rows in _micro_batches(chunk, traj.experts, max(1, cfg.train_batch_size)):
             if expert not in policy.experts:
                 continue  # this expert is frozen: its steps carry no trainable parameters
@@ -119,20 +119,20 @@ def policy_update(
                                                     expert=expert, device=device)
                 kl = gaussian_kl(out.mean, ref.mean, out.std)
             loss = (w * (per_transition + cfg.kl_coef * kl)).sum() * scale
-            if not torch.isfinite(loss):
-                finite = False  # keep going: every rank must run the same passes
+            bad = not torch.isfinite(loss)
+            if bad:  # keep going: every rank must run the same passes
                 loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0
             loss.backward()
-            sums += torch.tensor([float(loss.detach()) / world, float((w * st["ratio"]).sum()),
-                                  float((w * st["clipfrac"]).sum()), float((w * st["approx_kl"]).sum()),
-                                  float((w * kl.detach()).sum())], dtype=torch.float64)
-            stats.trained_steps[EXPERT_NAMES[expert]] += int(w.sum())
+            sums[:6] += torch.tensor([float(loss.detach()) / world, float((w * st["ratio"]).sum()),
+                                      float((w * st["clipfrac"]).sum()), float((w * st["approx_kl"]).sum()),
+                                      float((w * kl.detach()).sum()), float(bad)], dtype=torch.float64)
+            sums[6 + expert] += float(w.sum())
             if progress is not None:
                 progress(len(rows))
-        sums = all_reduce_sum(sums)
-        finite = bool(all_reduce_sum(torch.tensor([0.0 if finite else 1.0])) == 0)
-        for name in EXPERT_NAMES:
-            stats.trained_steps[name] = int(all_reduce_sum(torch.tensor([stats.trained_steps[name]]))[0])
+        sums = all_reduce_sum(sums)  # one collective for every statistic of the step
+        finite = bool(sums[5] == 0)
+        for idx, name in enumerate(EXPERT_NAMES):
+            stats.trained_steps[name] = int(sums[6 + idx])
         n = max(1.0, global_count)
         stats.loss = float(sums[0])
         stats.ratio_mean, stats.clipfrac = float(sums[1]) / n, float(sums[2]) / n
