@@ -1,4 +1,5 @@
-"""Load a Wan2.2 checkpoint directory in diffusers format (model_index.json at its root)."""
+"""Load a Wan2.2 checkpoint directory: diffusers format (model_index.json at its root) or the
+original Wan-AI release layout (see ``wan_grpo.models.original``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from wan_grpo.errors import UserError
 from wan_grpo.models.components import WanComponents
+from wan_grpo.models.original import (
+    ORIGINAL_LAYOUT_HELP,
+    describe_dir,
+    inspect_original,
+    is_original_layout,
+    load_original_components,
+)
 
 WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
 HIGH_NOISE_DIR, LOW_NOISE_DIR = "transformer", "transformer_2"
@@ -23,20 +31,23 @@ def _read_json(path: Path) -> dict:
 
 
 def inspect_checkpoint(ckpt_dir: str | Path) -> dict:
-    """Validate the layout and return model_index.json, with a fix-naming error for anything else."""
+    """Validate the layout and return model_index.json, with a fix-naming error for anything else.
+
+    For the original Wan-AI layout the returned dict is built by ``inspect_original`` and carries
+    ``_layout: "original"`` besides the model_index.json fields that matter here.
+    """
     root = Path(ckpt_dir)
     if not root.is_dir():
         raise UserError(f"--ckpt_dir {root} does not exist; pass the folder that holds model_index.json")
     index_path = root / "model_index.json"
     if not index_path.is_file():
-        if (root / "high_noise_model").is_dir() or list(root.glob("Wan2.*_VAE.pth")):
-            raise UserError(
-                f"{root} is in the original Wan2.2 layout, which this version cannot load yet; "
-                "use the diffusers-format release (e.g. Wan-AI/Wan2.2-T2V-A14B-Diffusers)"
-            )
+        if is_original_layout(root):
+            return inspect_original(root)
         raise UserError(
-            f"{root} is not a Wan2.2 checkpoint (no model_index.json); pass a diffusers-format "
-            "Wan2.2 folder with model_index.json, transformer/ and vae/"
+            f"{root} is not a Wan2.2 checkpoint (no model_index.json). Expected the diffusers layout "
+            "(model_index.json, transformer/ and/or transformer_2/, vae/, text_encoder/, tokenizer/) or "
+            f"{ORIGINAL_LAYOUT_HELP}; found: {describe_dir(root)}; pass a diffusers-format Wan2.2 folder "
+            "or an original-layout one"
         )
     index = _read_json(index_path)
     cls = index.get("_class_name")
@@ -59,11 +70,15 @@ def load_components(
     vae_dtype: torch.dtype = torch.float32,
     load_text_encoder: bool = True,
 ) -> WanComponents:
-    """Load the experts, VAE, text encoder and tokenizer of a diffusers-format Wan2.2 directory."""
+    """Load the experts, VAE, text encoder and tokenizer of a Wan2.2 directory (either layout)."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     root = Path(ckpt_dir)
     index = inspect_checkpoint(root)
+    if index.get("_layout") == "original":
+        return load_original_components(
+            root, dtype=dtype, vae_dtype=vae_dtype, load_text_encoder=load_text_encoder, layout=index
+        )
 
     def expert(sub: str):
         if index.get(sub, [None, None])[0] is None or not (root / sub / "config.json").is_file():
