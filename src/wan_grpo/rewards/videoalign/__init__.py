@@ -1,2 +1,1 @@
-"""VideoAlign (VideoReward) scoring. This version has the video preprocessing; the model loader
-and scorer come with issue 5, and ``--reward videoalign`` is refused until then."""
+"""VideoAlign's VideoReward (Qwen2-VL-2B, outputs VQ, MQ, TA), scored in memory as the official inference."""

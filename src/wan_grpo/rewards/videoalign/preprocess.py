@@ -93,10 +93,11 @@ def patchify(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.reshape(gt * gh * gw, c * TEMPORAL_PATCH * PATCH * PATCH), torch.tensor([gt, gh, gw])
 
 
-def preprocess_video(frames: torch.Tensor, video_fps: float, *, max_pixels: int = MAX_PIXELS):
+def preprocess_video(frames: torch.Tensor, video_fps: float, *, max_pixels: int = MAX_PIXELS,
+                     sample_fps: float = SAMPLE_FPS):
     """uint8 (T, H, W, 3) at ``video_fps`` -> (pixel_values, grid_thw) as the official pipeline."""
     if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    chosen = frames[sample_indices(frames.shape[0], video_fps)]
+    chosen = frames[sample_indices(frames.shape[0], video_fps, fps=sample_fps)]
     size = smart_resize(frames.shape[1], frames.shape[2], max_pixels=max_pixels)
     return patchify(resize_frames(chosen, size))
