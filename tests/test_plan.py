@@ -35,3 +35,16 @@ def test_full_fine_tuning_on_eight_processes(capsys):
     assert gib(out, "trained_weights_and_grads") == round(2 * P * (4 + 4) / 8 / GIB, 2)  # fp32 master + grad
     assert gib(out, "optimizer") == round(2 * P * 8 / 8 / GIB, 2)
     assert "14040 tokens per sample" in out  # 9 latent frames x (832/16) x (480/16)
+
+
+def test_train_prints_the_same_estimate_at_start_up():
+    """train's start-up lines are plan's, for the resolved train settings and process count."""
+    from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.plan import train_estimate
+
+    cfg = TrainConfig(task="t2v-A14B", size="480*832", frame_num=33, lora_rank=64)
+    out = "\n".join(train_estimate(cfg, nproc=1))
+    assert f"LoRA parameters per expert: {LORA_R64:,}" in out
+    assert gib(out, "optimizer") == round(2 * LORA_R64 * 8 / GIB, 2)
+    out8 = "\n".join(train_estimate(TrainConfig(task="t2v-A14B", size="480*832", frame_num=33, lora_rank=0), nproc=8))
+    assert gib(out8, "optimizer") == round(2 * P * 8 / 8 / GIB, 2)

@@ -1,12 +1,13 @@
-"""Command line: ``wan-grpo sample`` and ``wan-grpo train``."""
+"""Command line: ``wan-grpo sample | train | eval | plan | score | reward-server | convert | report``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
-from wan_grpo.config import SampleConfig, add_config_arguments, build_config
+from wan_grpo.config import add_config_arguments, build_config
 from wan_grpo.errors import UserError
 
 
@@ -17,24 +18,38 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"wan-grpo: error: {message}; see '{self.prog} --help'\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from wan_grpo.evaluate import EvalConfig
-    from wan_grpo.grpo.config import TrainConfig
-    from wan_grpo.plan import PlanConfig
+# name -> (config class, runner, help); "module:attr" strings so a command imports only what it runs.
+COMMANDS = {
+    "sample": ("wan_grpo.config:SampleConfig", "wan_grpo.sample:run_sample",
+               "Generate one video (unipc, euler or sde solver)."),
+    "train": ("wan_grpo.grpo.config:TrainConfig", "wan_grpo.grpo.trainer:train",
+              "GRPO training of one or both Wan2.2 experts (the main job)."),
+    "eval": ("wan_grpo.evaluate:EvalConfig", "wan_grpo.evaluate:run_eval",
+             "Sample a prompt set deterministically and score every video."),
+    "plan": ("wan_grpo.plan:PlanConfig", "wan_grpo.plan:run_plan",
+             "Estimate accelerator memory per process, loading nothing."),
+    "score": ("wan_grpo.score:ScoreConfig", "wan_grpo.score:run_score",
+              "Score mp4 files with a reward (VideoAlign by default)."),
+    "reward-server": ("wan_grpo.serve:ServerConfig", "wan_grpo.serve:run_server",
+                      "Serve a reward over HTTP for train --reward_url."),
+    "convert": ("wan_grpo.convert:ConvertConfig", "wan_grpo.convert:run_convert",
+                "Write an original-layout Wan2.2 checkpoint in the diffusers layout."),
+}
 
+
+def _load(target: str):
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="wan-grpo", description="GRPO reinforcement learning for Wan2.2 video models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    commands = [
-        ("sample", SampleConfig, "Generate one video (unipc, euler or sde solver)."),
-        ("train", TrainConfig, "GRPO training of one or both Wan2.2 experts (the main job)."),
-        ("eval", EvalConfig, "Sample a prompt set deterministically and score every video."),
-        ("plan", PlanConfig, "Estimate accelerator memory per process, loading nothing."),
-    ]
-    for name, config_cls, text in commands:
+    for name, (config_cls, _, text) in COMMANDS.items():
         command = sub.add_parser(name, help=text, description=text)
         if name == "train":
             command.add_argument("--config", help="YAML file whose keys are these flags' names (flags override it).")
-        add_config_arguments(command, config_cls)
+        add_config_arguments(command, _load(config_cls))
     report = sub.add_parser("report", help="Plots and an HTML page for a train run.",
                             description="Write SAVE_DIR/report/: PNG plots and index.html.")
     report.add_argument("save_dir", help="The --save_dir of a train run (holds metrics.jsonl).")
@@ -45,27 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "sample":
-            from wan_grpo.sample import run_sample
-
-            run_sample(build_config(SampleConfig, args))
-        elif args.command == "eval":
-            from wan_grpo.evaluate import EvalConfig, run_eval
-
-            run_eval(build_config(EvalConfig, args))
-        elif args.command == "plan":
-            from wan_grpo.plan import PlanConfig, run_plan
-
-            run_plan(build_config(PlanConfig, args))
-        elif args.command == "report":
+        if args.command == "report":
             from wan_grpo.report import write_report
 
             write_report(args.save_dir)
         else:
-            from wan_grpo.grpo.config import TrainConfig
-            from wan_grpo.grpo.trainer import train
-
-            train(build_config(TrainConfig, args, config_file=getattr(args, "config", None)))
+            config_cls, runner, _ = COMMANDS[args.command]
+            _load(runner)(build_config(_load(config_cls), args, config_file=getattr(args, "config", None)))
     except UserError as exc:
         print(f"wan-grpo: error: {exc}", file=sys.stderr)
         return 2

@@ -35,7 +35,8 @@ TASKS = ("tiny", "t2v-A14B", "i2v-A14B", "ti2v-5B")
 class ModelConfig:
     task: str | None = opt(None, "Model preset: tiny, t2v-A14B, i2v-A14B or ti2v-5B. Default: tiny without "
                                  "--ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
-    ckpt_dir: str | None = opt(None, "Diffusers-format Wan2.2 directory (with model_index.json).")
+    ckpt_dir: str | None = opt(None, "Wan2.2 checkpoint folder: diffusers layout (model_index.json) or the "
+                                     "original Wan-AI layout (auto-detected).")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     dtype: str = opt("auto", "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
                      choices=("auto", "bf16", "fp16", "fp32"))
@@ -44,8 +45,8 @@ class ModelConfig:
     frame_num: int | None = opt(None, "Frames per video (4k+1). Default: the preset's.")
     fps: int | None = opt(None, "Frames per second of written videos. Default: the preset's.")
     sampling_steps: int | None = opt(None, "Denoising steps. Default: the preset's.")
-    sample_shift: float | None = opt(None, "Flow shift of the sigma schedule. Default: the checkpoint's "
-                                            "scheduler config, or the preset's for --task tiny.")
+    sample_shift: float | None = opt(None, "Flow shift of the sigma schedule. Default: the official value of an "
+                                            "explicit --task preset, else the checkpoint's scheduler config.")
     guidance_scale: float | None = opt(None, "CFG scale of the high-noise expert (transformer). Default: preset.")
     guidance_scale_2: float | None = opt(None, "CFG scale of the low-noise expert (transformer_2). Default: "
                                                 "preset, else --guidance_scale.")

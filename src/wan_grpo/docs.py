@@ -20,17 +20,26 @@ def _table(cls, skip=()) -> list[str]:
 
 def flag_tables() -> str:
     from wan_grpo.config import ModelConfig, SampleConfig
+    from wan_grpo.convert import ConvertConfig
     from wan_grpo.evaluate import EvalConfig
     from wan_grpo.grpo.config import TrainConfig
     from wan_grpo.plan import PlanConfig
+    from wan_grpo.rewards.config import RewardConfig
+    from wan_grpo.score import ScoreConfig
+    from wan_grpo.serve import ServerConfig
 
     shared = {f.name for f in dataclasses.fields(ModelConfig)}
-    out = ["### Model and sampling (both commands)", "", *_table(ModelConfig), "",
+    rewards = {f.name for f in dataclasses.fields(RewardConfig)}
+    out = ["### Model and sampling (sample, train, eval)", "", *_table(ModelConfig), "",
+           "### Rewards (train, eval, score, reward-server)", "", *_table(RewardConfig), "",
            "### `sample` only", "", *_table(SampleConfig, skip=shared), "",
-           "### `train` only", "", *_table(TrainConfig, skip=shared), "",
-           "### `eval` only", "", *_table(EvalConfig, skip=shared), "",
+           "### `train` only", "", *_table(TrainConfig, skip=shared | rewards), "",
+           "### `eval` only", "", *_table(EvalConfig, skip=shared | rewards), "",
            "### `plan` only (it reads --task, --size and --frame_num of the shared flags)", "",
-           *_table(PlanConfig, skip=shared)]
+           *_table(PlanConfig, skip=shared), "",
+           "### `score` only", "", *_table(ScoreConfig, skip=rewards), "",
+           "### `reward-server` only", "", *_table(ServerConfig, skip=rewards), "",
+           "### `convert`", "", *_table(ConvertConfig)]
     return "\n".join(out) + "\n"
 
 

@@ -23,7 +23,8 @@ from wan_grpo.errors import UserError
 from wan_grpo.grpo.data import load_prompts
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.rewards import build_rewards, score
+from wan_grpo.rewards import build_rewards
+from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import encode_all, load_model, place
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.video import write_mp4
@@ -33,10 +34,8 @@ EXPERT_DIRS = ("transformer", "transformer_2")
 
 
 @dataclass
-class EvalConfig(ModelConfig):
+class EvalConfig(RewardConfig, ModelConfig):
     prompts: str | None = opt(None, "Evaluation prompts (.txt or .jsonl). Default: the design sketch's five.")
-    reward: str | None = opt(None, "Rewards as for train. Default: brightness for --task tiny, else videoalign.")
-    reward_model_path: str | None = opt(None, "VideoAlign checkpoint directory (for --reward videoalign).")
     lora: str | None = opt(None, "A train checkpoint folder (checkpoint-<step>) whose LoRA or full weights are "
                                  "applied to the experts it contains.")
     save_dir: str = opt("./eval", "Output folder: eval.json, eval.csv, videos/, and compare files.")
@@ -106,7 +105,7 @@ def generate_and_score(components, denoiser, cache, rewards, prompts: list[str],
             if video_dir is not None:
                 path = write_mp4(video_dir / f"p{i:03d}_s{k:02d}.mp4", video.numpy(), fps=cfg.fps)
                 row["video"] = str(path.relative_to(video_dir.parent))
-            row.update({c: float(v[0]) for c, v in score(rewards, [video], [prompt], fps=cfg.fps).items()})
+            row.update({c: float(v[0]) for c, v in rewards([video], [prompt], fps=cfg.fps).items()})
             rows.append(row)
     return rows
 
@@ -115,8 +114,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     if cfg.num_samples < 1:
         raise UserError("--num_samples must be >= 1")
     components, cfg, device, dtype = load_model(cfg)
-    rewards, _ = build_rewards(cfg.reward or ("brightness" if cfg.task == "tiny" else "videoalign"),
-                               vq_coef=1.0, mq_coef=1.0, ta_coef=1.0, reward_model_path=cfg.reward_model_path)
+    rewards = build_rewards(cfg, default="brightness" if cfg.task == "tiny" else "videoalign", device=device)
     prompts = load_prompts(cfg.prompts)
     base = None
     if cfg.compare_to:
@@ -130,7 +128,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     out = Path(cfg.save_dir)
     rows = generate_and_score(components, denoiser, cache, rewards, prompts, cfg, solver=cfg.eval_solver,
                               num_samples=cfg.num_samples, device=device, video_dir=out / "videos")
-    names = [c for r in rewards for c in r.components]
+    names = list(rewards.coefs)
     result = {"config": dataclasses.asdict(cfg), "components": names, "videos": rows,
               "summary": summarize(rows, names)}
     (out / "eval.json").write_text(json.dumps(result, indent=2))

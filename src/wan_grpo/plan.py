@@ -91,17 +91,29 @@ def estimate(cfg: PlanConfig) -> dict:
     terms["activations_estimate"] = arch["num_layers"] * tokens * dim * 2 + per_block_working
     return {"task": task, "size": f"{width}*{height}", "frames": frames, "tokens_per_sample": seq,
             "params_per_expert": per_expert, "lora_params_per_expert": lora, "experts_trained": n_trained,
-            "nproc": n, "bytes": terms, "total_bytes": sum(terms.values())}
+            "nproc": n, "lora_rank": cfg.lora_rank, "bytes": terms, "total_bytes": sum(terms.values())}
+
+
+def describe(est: dict) -> list[str]:
+    mode = "full fine-tuning" if est["lora_rank"] == 0 else f"LoRA r{est['lora_rank']}"
+    lines = [f"{est['task']}, {est['size']} x {est['frames']} frames ({est['tokens_per_sample']} tokens per sample), "
+             f"{mode}, {est['experts_trained']} expert(s) trained, {est['nproc']} process(es)",
+             f"parameters per expert: {est['params_per_expert']:,}; LoRA parameters per expert: "
+             f"{est['lora_params_per_expert']:,}"]
+    lines += [f"  {name:28s} {value / GIB:10.2f} GiB" for name, value in est["bytes"].items()]
+    lines.append(f"  {'total per process':28s} {est['total_bytes'] / GIB:10.2f} GiB")
+    return lines
+
+
+def train_estimate(cfg, *, nproc: int) -> list[str]:
+    """The plan for a resolved TrainConfig, as ``train`` prints it at start-up."""
+    return describe(estimate(PlanConfig(task=cfg.task, size=cfg.size, frame_num=cfg.frame_num,
+                                        lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules,
+                                        train_experts=cfg.train_experts, nproc=nproc,
+                                        train_batch_size=cfg.train_batch_size)))
 
 
 def run_plan(cfg: PlanConfig) -> dict:
     est = estimate(cfg)
-    mode = "full fine-tuning" if cfg.lora_rank == 0 else f"LoRA r{cfg.lora_rank}"
-    print(f"{est['task']}, {est['size']} x {est['frames']} frames ({est['tokens_per_sample']} tokens per sample), "
-          f"{mode}, {est['experts_trained']} expert(s) trained, {est['nproc']} process(es)")
-    print(f"parameters per expert: {est['params_per_expert']:,}; LoRA parameters per expert: "
-          f"{est['lora_params_per_expert']:,}")
-    for name, value in est["bytes"].items():
-        print(f"  {name:28s} {value / GIB:10.2f} GiB")
-    print(f"  {'total per process':28s} {est['total_bytes'] / GIB:10.2f} GiB")
+    print("\n".join(describe(est)))
     return est

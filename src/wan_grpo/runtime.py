@@ -51,7 +51,7 @@ def load_model(cfg, *, load_text_encoder: bool = True):
     task = cfg.task
     if cfg.ckpt_dir is None:
         if task not in (None, "tiny"):
-            raise UserError(f"--task {task} needs --ckpt_dir pointing at its diffusers-format checkpoint")
+            raise UserError(f"--task {task} needs --ckpt_dir pointing at its checkpoint (diffusers or original layout)")
         task = "tiny"
         components = build_tiny_components(0)  # the model is fixed; --seed drives sampling
         for expert in components.experts.values():
@@ -65,10 +65,18 @@ def load_model(cfg, *, load_text_encoder: bool = True):
     preset = PRESETS[task]
     shift = cfg.sample_shift
     if shift is None:
-        shift = preset.shift if cfg.ckpt_dir is None else components.default_shift
-        if cfg.ckpt_dir is not None and shift != preset.shift:
-            log.info("shift %.1f from the checkpoint's scheduler config (official %s: %.1f; set --sample_shift)",
-                     shift, task, preset.shift)
+        # An explicit --task preset uses the official shift; otherwise the checkpoint's scheduler
+        # config decides (diffusers-format A14B repos ship 3.0, not the official 12.0 / 5.0).
+        ckpt_shift = components.default_shift if cfg.ckpt_dir is not None else preset.shift
+        shift = preset.shift if cfg.task is not None else ckpt_shift
+        if ckpt_shift != preset.shift:
+            if cfg.task is not None:
+                log.info("shift %g: the official %s value (the checkpoint's scheduler config says %g; "
+                         "--sample_shift overrides)", shift, task, ckpt_shift)
+            else:
+                log.warning("shift %g from the checkpoint's scheduler config, not the official %g of %s; pass "
+                            "--task %s or --sample_shift for the official expert split", shift, preset.shift,
+                            task, task)
     filled = dataclasses.replace(
         cfg,
         task=task,

@@ -36,5 +36,12 @@ def write_mp4(path: str | Path, frames, *, fps: int = 16) -> Path:
 
 def read_mp4(path: str | Path) -> np.ndarray:
     """uint8 (F, H, W, 3)."""
+    return read_video(path)[0]
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, float]:
+    """uint8 (F, H, W, 3) frames and the stream's average frame rate."""
     with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+        stream = container.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
+        return frames, float(stream.average_rate or stream.guessed_rate)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wan_grpo.config import ModelConfig, opt
+from wan_grpo.rewards.config import RewardConfig
 
 
 @dataclass
-class TrainConfig(ModelConfig):
+class TrainConfig(RewardConfig, ModelConfig):
     # Data
     prompts: str | None = opt(None, "Prompt file: .txt (one per line) or .jsonl with a 'prompt' field. "
                                     "Default: the design sketch's five prompts.")
@@ -17,12 +18,6 @@ class TrainConfig(ModelConfig):
     batch_size: int = opt(1, "Prompts per rollout.")
     num_generations: int = opt(8, "Videos sampled per prompt (the GRPO group size).")
     # Rewards and advantages
-    reward: str | None = opt(None, "Rewards as NAME[:WEIGHT],... (brightness, colorfulness, smoothness, "
-                                   "motion, videoalign). Default: brightness for --task tiny, else videoalign.")
-    reward_model_path: str | None = opt(None, "VideoAlign (VideoReward) checkpoint directory.")
-    vq_coef: float = opt(1.0, "VideoAlign visual-quality coefficient.")
-    mq_coef: float = opt(0.0, "VideoAlign motion-quality coefficient.")
-    ta_coef: float = opt(0.0, "VideoAlign text-alignment coefficient.")
     adv_clip_max: float = opt(5.0, "Clip advantages to +-this.")
     global_std: bool = opt(False, "Normalise by the std of the whole batch instead of each group's.")
     drop_zero_std_groups: bool = opt(False, "Skip groups whose rewards are all equal (counted in metrics).")

@@ -36,7 +36,7 @@ from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
 from wan_grpo.models.denoiser import EXPERT_NAMES, MoEDenoiser
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.rewards import build_rewards, score
+from wan_grpo.rewards import RewardSet, build_rewards
 from wan_grpo.runtime import describe_split, encode_all, load_model, place
 from wan_grpo.distributed import DistInfo, all_gather_cat, cleanup, init_distributed
 from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
@@ -78,8 +78,7 @@ class Run:
     denoiser: MoEDenoiser
     policy: Policy
     cache: object
-    rewards: list
-    coefs: dict[str, float]
+    rewards: RewardSet
     sampler: SamplerConfig
     shape_one: tuple[int, ...]
     order: PromptOrder
@@ -121,14 +120,23 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     videos = list(decode_latents(run.components.vae, traj.final_latents))
     t1 = time.perf_counter()
 
-    with _bar(len(run.rewards), "reward", main=main) as bar:
-        local = score(run.rewards, videos, sample_prompts[mine], fps=cfg.fps)
+    with _bar(len(run.rewards.entries), "reward", main=main) as bar:
+        local = run.rewards(videos, sample_prompts[mine], fps=cfg.fps)
         components = {k: all_gather_cat(v.to(run.device)).cpu() for k, v in local.items()}
-        bar.update(len(run.rewards))
-    total_reward = sum(run.coefs[k] * v for k, v in components.items())
-    adv = group_advantages(components, run.coefs, group_size=n, global_std=cfg.global_std,
+        bar.update(len(run.rewards.entries))
+    # A sample without a finite score (e.g. a reward-server batch that failed after its retries)
+    # takes its whole group out of the update: no made-up score ever reaches the advantages.
+    scored = torch.stack([torch.isfinite(v) for v in components.values()]).all(0).view(-1, n).all(1)
+    scored_samples = scored.repeat_interleave(n)
+    if not bool(scored.all()):
+        run.counters["unscored_groups"] += int((~scored).sum())
+        log.warning("rollout %d: %d of %d groups have no finite reward and are left out of the update", r + 1,
+                    int((~scored).sum()), len(scored))
+    components = {k: torch.where(scored_samples, v, torch.zeros_like(v)) for k, v in components.items()}
+    total_reward = run.rewards.total(components)[scored_samples]
+    adv = group_advantages(components, run.rewards.coefs, group_size=n, global_std=cfg.global_std,
                            drop_zero_std_groups=cfg.drop_zero_std_groups, clip_max=cfg.adv_clip_max)
-    keep = adv.keep & best_of_n(adv.values, n, cfg.best_of_n)
+    keep = adv.keep & best_of_n(adv.values, n, cfg.best_of_n) & scored_samples
     run.counters["dropped_groups"] += adv.dropped_groups
     t2 = time.perf_counter()
 
@@ -137,7 +145,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             if not bool(((traj.experts == idx) & traj.trainable).any()):
                 log.warning("the %s expert owns none of the trainable steps (shift/--sde_window); it gets no updates",
                             EXPERT_NAMES[idx])
-    finite = all(torch.isfinite(v).all() for v in components.values()) and bool(torch.isfinite(adv.values).all())
+    finite = bool(scored.any()) and bool(torch.isfinite(adv.values).all())
     k = max(1, cfg.optimizer_steps_per_rollout)
     if not finite:
         log.warning("non-finite rewards or advantages at rollout %d: update skipped, weights unchanged", r + 1)
@@ -163,9 +171,10 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     base = {
         "rollout": r + 1,
         "epoch": run.order.epoch_of(r),
-        "reward_mean": float(total_reward.mean()),
-        "reward_std": float(total_reward.std(unbiased=False)),
-        **{f"reward_{c}_mean": float(v.mean()) for c, v in components.items()},
+        "reward_mean": float(total_reward.mean()) if len(total_reward) else math.nan,
+        "reward_std": float(total_reward.std(unbiased=False)) if len(total_reward) else math.nan,
+        **{f"reward_{c}_mean": float(v[scored_samples].mean()) if bool(scored.any()) else math.nan
+           for c, v in components.items()},
         "advantage_abs_mean": float(adv.values[keep].abs().mean()) if keep.any() else 0.0,
         "kept_samples": int(keep.sum()),
         "rollout_seconds": t1 - t0,
@@ -185,6 +194,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             "lr_2": run.policy.optimizer.param_groups[-1]["lr"],
             "skipped_updates": run.counters["skipped_updates"],
             "dropped_groups": run.counters["dropped_groups"],
+            "unscored_groups": run.counters["unscored_groups"],
         })
     return rows
 
@@ -197,7 +207,7 @@ def evaluate_policy(run: Run) -> dict:
         e.eval()
     rows = generate_and_score(run.components, run.denoiser, run.cache, run.rewards, run.eval_prompts, run.cfg,
                               solver="unipc", num_samples=1, device=run.device, video_dir=None)
-    names = [c for reward in run.rewards for c in reward.components]
+    names = [c for c in rows[0] if c in run.rewards.coefs] if rows else []
     return {f"eval_{c}_mean": s["mean"] for c, s in summarize(rows, names).items()}
 
 
@@ -222,9 +232,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.dit_fsdp and cfg.kl_coef > 0 and cfg.lora_rank == 0:
         raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA (--lora_rank)")
     components, cfg, device, dtype = load_model(cfg)
-    rewards, coefs = build_rewards(cfg.reward or ("brightness" if cfg.task == "tiny" else "videoalign"),
-                                   vq_coef=cfg.vq_coef, mq_coef=cfg.mq_coef, ta_coef=cfg.ta_coef,
-                                   reward_model_path=cfg.reward_model_path)
+    rewards = build_rewards(cfg, default="brightness" if cfg.task == "tiny" else "videoalign", device=device,
+                            drop_failed=True)
     prompts = load_prompts(cfg.prompts)
     if cfg.eval_interval and not cfg.eval_prompts:
         raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
@@ -239,6 +248,11 @@ def setup(cfg: TrainConfig) -> Run:
         (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     # The text encoder runs once per distinct prompt and is freed (so --t5_fsdp has nothing to shard).
     log.info("schedule: %s", describe_split(components, steps=cfg.sampling_steps, shift=cfg.sample_shift))
+    if cfg.task != "tiny":  # the official architecture's estimate (wan-grpo plan), before anything is placed
+        from wan_grpo.plan import train_estimate
+
+        log.info("estimated accelerator memory per process:\n%s",
+                 "\n".join(train_estimate(cfg, nproc=info.world_size if cfg.dit_fsdp else 1)))
     cache = encode_all(components, prompts + eval_prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device, offload_experts=cfg.offload_model)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp)
@@ -249,8 +263,9 @@ def setup(cfg: TrainConfig) -> Run:
                                              enabled=True)
         denoiser.placement.on_move.append(lambda module, dev: move_optimizer_state(policy.optimizer, module, dev))
     return Run(cfg=cfg, components=components, denoiser=denoiser, policy=policy, cache=cache, rewards=rewards,
-               coefs=coefs, sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
-               seed=cfg.seed), device=device, save_dir=save_dir, counters={"skipped_updates": 0, "dropped_groups": 0},
+               sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
+               seed=cfg.seed), device=device, save_dir=save_dir,
+               counters={"skipped_updates": 0, "dropped_groups": 0, "unscored_groups": 0},
                dist=info, eval_prompts=eval_prompts)
 
 
@@ -268,7 +283,8 @@ def _loop(run: Run) -> Path:
     ckpt = resolve_resume(cfg.resume, run.save_dir)
     if ckpt is not None:
         state = load_checkpoint(ckpt, run.policy)
-        start, run.counters = state["rollout"], dict(state["counters"])
+        start = state["rollout"]
+        run.counters.update(state["counters"])
         log.info("resumed from %s (step %d)", ckpt, state["step"])
     total = cfg.num_epochs * run.order.steps_per_epoch
     if cfg.max_steps:

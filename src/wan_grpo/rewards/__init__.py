@@ -1,6 +1,13 @@
-"""Reward selection: ``--reward NAME[:WEIGHT],...``."""
+"""Reward selection: ``--reward NAME[:WEIGHT],...`` with built-ins, ``videoalign`` and plug-ins.
+
+A plug-in is ``module.path:callable``: a function ``fn(videos, prompts, *, fps)`` (or a class
+instantiated with no arguments whose instances are such callables) returning a float tensor (N,)
+or a dict of named components. Every component is logged; the total reward is the weighted sum.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -12,43 +19,117 @@ NAMES = (*BUILTIN, "videoalign")
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
-    """'brightness:1,motion:0.5' -> [('brightness', 1.0), ('motion', 0.5)]; weight defaults to 1."""
+    """'brightness:1,pkg.mod:fn:0.5' -> [('brightness', 1.0), ('pkg.mod:fn', 0.5)]; weight defaults to 1."""
     out = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
             continue
-        name, _, weight = item.partition(":")
-        if name not in NAMES:
-            raise UserError(f"unknown reward {name!r}; --reward takes NAME[:WEIGHT],... with NAME in {', '.join(NAMES)}")
-        try:
-            out.append((name, float(weight) if weight else 1.0))
-        except ValueError:
-            raise UserError(f"reward weight {weight!r} of {name!r} is not a number; write e.g. {name}:0.5") from None
+        name, weight = item, 1.0
+        head, sep, tail = item.rpartition(":")
+        if sep:
+            try:
+                name, weight = head, float(tail)
+            except ValueError:
+                pass  # module:callable without a weight
+        if name not in NAMES and not _is_plugin(name):
+            raise UserError(f"unknown reward {name!r}; --reward takes NAME[:WEIGHT],... with NAME in "
+                            f"{', '.join(NAMES)} or a plug-in module.path:callable")
+        out.append((name, weight))
     if not out:
         raise UserError("--reward is empty; name at least one reward, e.g. --reward brightness")
     return out
 
 
-def build_rewards(spec: str, *, vq_coef: float, mq_coef: float, ta_coef: float,
-                  reward_model_path: str | None) -> tuple[list[Reward], dict[str, float]]:
-    """The reward objects and the coefficient of every component they produce."""
-    rewards, coefs = [], {}
-    for name, weight in parse_reward_spec(spec):
+def _is_plugin(name: str) -> bool:
+    module, sep, attr = name.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and attr.isidentifier()
+
+
+class PluginReward:
+    """A user reward ``module.path:callable``; a bare tensor result is named after the callable."""
+
+    def __init__(self, target: str):
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise UserError(f"cannot import reward plug-in module {module_name!r} ({exc}); install it or add its "
+                            "folder to PYTHONPATH") from exc
+        obj = getattr(module, attr, None)
+        if obj is None:
+            raise UserError(f"module {module_name!r} has no {attr!r}; --reward takes module.path:callable")
+        fn = obj() if isinstance(obj, type) else obj
+        if not callable(fn):
+            raise UserError(f"{target} is not callable; a reward is fn(videos, prompts, *, fps)")
+        self.name, self._fn, self._default = target, fn, attr
+
+    def __call__(self, videos, prompts, *, fps) -> dict[str, torch.Tensor]:
+        out = self._fn(videos, prompts, fps=fps)
+        return dict(out) if isinstance(out, dict) else {self._default: out}
+
+
+class RewardSet:
+    """Several rewards with weights: scores every component and knows each component's coefficient."""
+
+    def __init__(self, entries: list[tuple[Reward, float, dict[str, float]]]):
+        self.entries = entries
+        self.coefs: dict[str, float] = {}  # filled as components appear (plug-ins name theirs when called)
+
+    def __call__(self, videos: list[torch.Tensor], prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        """All components of all rewards, each (N,) float32, checked for shape and duplicate names."""
+        out: dict[str, torch.Tensor] = {}
+        for reward, weight, inner in self.entries:
+            for name, values in reward(videos, prompts, fps=fps).items():
+                values = torch.as_tensor(values, dtype=torch.float32).flatten().cpu()
+                if values.shape != (len(videos),):
+                    raise RuntimeError(f"reward {reward.name!r} returned {tuple(values.shape)} scores for "
+                                       f"{len(videos)} videos")
+                if name in out:
+                    raise UserError(f"two rewards both produce a component named {name!r}; drop one of them")
+                out[name] = values
+                self.coefs.setdefault(name, weight * inner.get(name, 1.0))
+        return out
+
+    def total(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(self.coefs[k] * v for k, v in components.items())
+
+
+def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop_failed: bool = False) -> RewardSet:
+    """The rewards ``cfg`` (a RewardConfig) names; VideoAlign loads onto ``--reward_device`` or ``device``.
+
+    With ``--reward_url`` the server's rewards and coefficients are used; ``drop_failed`` makes a
+    batch the server could not score come back as NaN (the trainer drops those groups) instead of
+    raising.
+    """
+    if cfg.reward_url:
+        from wan_grpo.rewards.remote import RemoteReward
+
+        remote = RemoteReward(cfg.reward_url, timeout=cfg.reward_timeout, retries=cfg.reward_retries,
+                              drop_on_failure=drop_failed)
+        remote.check()
+        return RewardSet([(remote, 1.0, remote.coefs)])
+    entries = []
+    for name, weight in parse_reward_spec(cfg.reward or default):
         if name == "videoalign":
-            raise UserError("the VideoAlign reward is not available in this version; use a built-in reward "
-                            f"({', '.join(BUILTIN)})")
-        rewards.append(FrameStatReward(name, BUILTIN[name]))
-        coefs[name] = weight
-    return rewards, coefs
+            if not (cfg.vq_coef or cfg.mq_coef or cfg.ta_coef):
+                raise UserError("--vq_coef, --mq_coef and --ta_coef are all 0; give VideoAlign a non-zero one")
+            entries.append((build_videoalign(cfg, device=cfg.reward_device or device), weight,
+                            {"VQ": cfg.vq_coef, "MQ": cfg.mq_coef, "TA": cfg.ta_coef}))
+        elif name in BUILTIN:
+            entries.append((FrameStatReward(name, BUILTIN[name]), weight, {}))
+        else:
+            entries.append((PluginReward(name), weight, {}))
+    return RewardSet(entries)
 
 
-def score(rewards: list[Reward], videos: list[torch.Tensor], prompts: list[str], *, fps: int) -> dict[str, torch.Tensor]:
-    """All components of all rewards, each (N,) float32, checked for shape."""
-    out: dict[str, torch.Tensor] = {}
-    for reward in rewards:
-        for name, values in reward(videos, prompts, fps=fps).items():
-            values = torch.as_tensor(values, dtype=torch.float32).flatten()
-            if values.shape != (len(videos),):
-                raise RuntimeError(f"reward {reward.name!r} returned {tuple(values.shape)} scores for {len(videos)} videos")
-            out[name] = values
-    return out
+def build_videoalign(cfg, *, device: torch.device | str):
+    from wan_grpo.rewards.videoalign.loading import load_videoreward
+    from wan_grpo.rewards.videoalign.scorer import VideoAlignReward
+
+    if not cfg.reward_model_path:
+        raise UserError("--reward videoalign needs --reward_model_path DIR (the downloaded VideoReward folder with "
+                        "model_config.json and checkpoint-*/)")
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reward = load_videoreward(cfg.reward_model_path, base=cfg.videoalign_base, device=device, dtype=dtype)
+    return VideoAlignReward(reward, raw=cfg.reward_raw, batch_size=cfg.reward_batch_size)

@@ -1,0 +1,31 @@
+"""Reward flags, shared by ``train``, ``eval``, ``score`` and ``reward-server``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wan_grpo.config import opt
+
+
+@dataclass
+class RewardConfig:
+    reward: str | None = opt(None, "Rewards as NAME[:WEIGHT],...: brightness, colorfulness, smoothness, motion, "
+                                   "videoalign, or a plug-in module.path:callable[:WEIGHT]. Default: brightness "
+                                   "for --task tiny, else videoalign.")
+    reward_model_path: str | None = opt(None, "VideoAlign (VideoReward) folder: model_config.json and "
+                                              "checkpoint-*/.")
+    videoalign_base: str | None = opt(None, "Local Qwen2-VL-2B-Instruct folder (default: model_config.json's "
+                                            "model_name_or_path when it is a local folder).")
+    vq_coef: float = opt(1.0, "VideoAlign visual-quality coefficient.")
+    mq_coef: float = opt(0.0, "VideoAlign motion-quality coefficient.")
+    ta_coef: float = opt(0.0, "VideoAlign text-alignment coefficient.")
+    reward_raw: bool = opt(False, "VideoAlign: raw VQ/MQ/TA instead of normalised by the checkpoint's "
+                                  "inference_config (DanceGRPO trains on normalised).")
+    reward_device: str | None = opt(None, "Device of the reward model (default: the training device; bf16 on "
+                                          "CUDA, fp32 on CPU).")
+    reward_batch_size: int = opt(4, "Videos per reward-model forward pass.")
+    reward_url: str | None = opt(None, "Score with a running 'wan-grpo reward-server' at this URL instead of "
+                                       "in-process (--reward then names nothing to load here).")
+    reward_timeout: float = opt(600.0, "Seconds to wait for one reward-server request.")
+    reward_retries: int = opt(3, "Attempts per reward-server request; after the last, the groups of that "
+                                 "batch are dropped from the update (counted in metrics).")
