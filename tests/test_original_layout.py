@@ -26,6 +26,7 @@ from diffusers import (
 from safetensors.torch import load_file, save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
+from wan_grpo.cli import main
 from wan_grpo.convert import convert
 from wan_grpo.errors import UserError
 from wan_grpo.models.components import WanComponents
@@ -550,12 +551,14 @@ def test_convert_writes_a_loadable_diffusers_layout(a14b, tmp_path):
     assert (a - b).abs().max().item() <= 1e-5
 
     # Without a dtype the stored dtypes are kept (fp32 experts, bf16 T5); a non-empty output is refused.
-    kept = convert(orig_dir, tmp_path / "kept")
+    kept = tmp_path / "kept"  # through the CLI: wan-grpo convert --ckpt_dir ORIG --output DIR
+    assert main(["convert", "--ckpt_dir", str(orig_dir), "--output", str(kept)]) == 0
     te = json.loads((kept / "text_encoder" / "config.json").read_text())
     assert te.get("dtype", te.get("torch_dtype")) == "bfloat16"
     assert load_file(str(next((kept / "transformer").glob("*.safetensors"))))["patch_embedding.weight"].dtype == torch.float32
     with pytest.raises(UserError, match="not an empty folder; remove it or pass a new --output"):
         convert(orig_dir, kept)
+    assert main(["convert", "--ckpt_dir", str(orig_dir), "--output", str(kept)]) == 2
     with pytest.raises(UserError, match="already in the diffusers layout"):
         convert(diff_dir, tmp_path / "again")
 
