@@ -20,7 +20,8 @@ from diffusers import WanTransformer3DModel
 
 from wan_grpo.config import ModelConfig, opt, parse_size
 from wan_grpo.errors import UserError
-from wan_grpo.grpo.data import load_prompts
+from wan_grpo.grpo.data import load_prompt_records
+from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import build_rewards
@@ -83,7 +84,7 @@ def summarize(rows: list[dict], components: list[str]) -> dict:
 
 @torch.no_grad()
 def generate_and_score(components, denoiser, cache, rewards, prompts: list[str], cfg, *, solver: str,
-                       num_samples: int, device, video_dir: Path | None) -> list[dict]:
+                       num_samples: int, device, video_dir: Path | None, images: list | None = None) -> list[dict]:
     """One row per video: prompt, prompt_index, seed, video file, and every reward component."""
     width, height = parse_size(cfg.size)
     shape = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
@@ -91,15 +92,19 @@ def generate_and_score(components, denoiser, cache, rewards, prompts: list[str],
     uncond = cache.get([cfg.negative_prompt])
     rows = []
     for i, prompt in enumerate(prompts):
+        image = None
+        if images and images[i] is not None:
+            image = encode_images(components, [images[i]], width=width, height=height, frame_num=cfg.frame_num,
+                                  device=device)
         for k in range(num_samples):
             seed = cfg.seed + 1000 * i + k
             noise = initial_noise(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device)
             cond = cache.get([prompt])
             if sampler.solver == "unipc":
                 latents = sample_unipc(denoiser, noise, cond, uncond, config=sampler,
-                                       scheduler_config=components.scheduler_config)
+                                       scheduler_config=components.scheduler_config, image=image)
             else:
-                latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, record=False)
+                latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, record=False, image=image)
             video = decode_latents(components.vae, latents)[0]
             row = {"prompt": prompt, "prompt_index": i, "seed": seed}
             if video_dir is not None:
@@ -115,7 +120,8 @@ def run_eval(cfg: EvalConfig) -> Path:
         raise UserError("--num_samples must be >= 1")
     components, cfg, device, dtype = load_model(cfg)
     rewards = build_rewards(cfg, default="brightness" if cfg.task == "tiny" else "videoalign", device=device)
-    prompts = load_prompts(cfg.prompts)
+    prompts, images = load_prompt_records(cfg.prompts)
+    check_prompt_images(components, images, "--prompts")
     base = None
     if cfg.compare_to:
         base = json.loads(_eval_json(cfg.compare_to).read_text())
@@ -127,7 +133,7 @@ def run_eval(cfg: EvalConfig) -> Path:
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     out = Path(cfg.save_dir)
     rows = generate_and_score(components, denoiser, cache, rewards, prompts, cfg, solver=cfg.eval_solver,
-                              num_samples=cfg.num_samples, device=device, video_dir=out / "videos")
+                              num_samples=cfg.num_samples, device=device, video_dir=out / "videos", images=images)
     names = list(rewards.coefs)
     result = {"config": dataclasses.asdict(cfg), "components": names, "videos": rows,
               "summary": summarize(rows, names)}

@@ -9,9 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 from wan_grpo.config import SampleConfig, parse_size
+from wan_grpo.errors import UserError
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.runtime import describe_split, encode_all, load_model, place
+from wan_grpo.sampling.conditioning import check_image, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.video import write_mp4
 
@@ -22,6 +24,13 @@ def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor
     """Final latents (1, z, F', H', W') for ``cfg.prompt``, noise drawn as WanPipeline draws it."""
     width, height = parse_size(cfg.size)
     shape = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
+    check_image(components, cfg.image is not None)
+    image = None
+    if cfg.image is not None:
+        if not Path(cfg.image).is_file():
+            raise UserError(f"--image {cfg.image} does not exist")
+        image = encode_images(components, [cfg.image], width=width, height=height, frame_num=cfg.frame_num,
+                              device=device)
     sampler = SamplerConfig(solver=cfg.sample_solver, steps=cfg.sampling_steps, shift=cfg.sample_shift,
                             sde_type=cfg.sde_type, noise_level=cfg.noise_level)
     cache = encode_all(components, [cfg.prompt], cfg.negative_prompt, device=device, dtype=dtype)
@@ -32,8 +41,9 @@ def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor
     cond, uncond = cache.get([cfg.prompt]), cache.get([cfg.negative_prompt])
     if sampler.solver == "unipc":
         return sample_unipc(denoiser, noise, cond, uncond, config=sampler,
-                            scheduler_config=components.scheduler_config)
-    latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, generator=generator, record=False)
+                            scheduler_config=components.scheduler_config, image=image)
+    latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, generator=generator, record=False,
+                         image=image)
     return latents
 
 

@@ -22,23 +22,39 @@ DEFAULT_PROMPTS = [
 
 def load_prompts(path: str | None) -> list[str]:
     """.txt: one prompt per non-empty line; .jsonl: one object per line with a 'prompt' field."""
+    return load_prompt_records(path)[0]
+
+
+def load_prompt_records(path: str | None) -> tuple[list[str], list[str | None]]:
+    """(prompts, images): .jsonl lines may carry an 'image' path (relative to the file's folder)
+    for image-to-video models; .txt prompts and lines without it have None."""
     if path is None:
-        return list(DEFAULT_PROMPTS)
+        return list(DEFAULT_PROMPTS), [None] * len(DEFAULT_PROMPTS)
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--prompts {p} does not exist; pass a .txt (one prompt per line) or .jsonl file")
     lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    images: list[str | None] = [None] * len(lines)
     if p.suffix == ".jsonl":
-        prompts = []
+        prompts, images = [], []
         for n, line in enumerate(lines, 1):
             try:
-                prompts.append(str(json.loads(line)["prompt"]).strip())
-            except (json.JSONDecodeError, KeyError, TypeError):
+                row = json.loads(line)
+                prompt, image = str(row["prompt"]).strip(), row.get("image")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise UserError(f"{p}:{n} is not a JSON object with a 'prompt' field; fix that line") from None
-        lines = [q for q in prompts if q]
+            if image is not None:
+                image = str(image if Path(image).is_absolute() else p.parent / image)
+                if not Path(image).is_file():
+                    raise UserError(f"{p}:{n}: image {image} does not exist; fix the path (relative paths start "
+                                    f"at {p.parent})")
+            if prompt:
+                prompts.append(prompt)
+                images.append(image)
+        lines = prompts
     if not lines:
         raise UserError(f"--prompts {p} holds no prompts; add one prompt per line")
-    return lines
+    return lines, images
 
 
 class PromptOrder:
@@ -56,8 +72,11 @@ class PromptOrder:
     def epoch_of(self, rollout_index: int) -> int:
         return rollout_index // self.steps_per_epoch
 
-    def batch(self, rollout_index: int) -> list[str]:
+    def batch_indices(self, rollout_index: int) -> list[int]:
         epoch, j = divmod(rollout_index, self.steps_per_epoch)
         perm = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         picks = [(j * self.batch_size + i) % len(self.prompts) for i in range(self.batch_size)]
-        return [self.prompts[int(perm[i])] for i in picks]
+        return [int(perm[i]) for i in picks]
+
+    def batch(self, rollout_index: int) -> list[str]:
+        return [self.prompts[i] for i in self.batch_indices(rollout_index)]

@@ -18,6 +18,7 @@ def replay_transitions(
     *,
     expert: int,
     device: torch.device,
+    image=None,  # ImageCondition with M rows, or None
 ) -> SDEStepOutput:
     """Velocity from ``expert`` (with the rollout's CFG) and the log-prob of each stored x_{i+1}."""
     if not bool((traj.experts[step_idx] == expert).all()):
@@ -26,7 +27,7 @@ def replay_transitions(
     x = traj.latents[lat_s, lat_t].to(device, torch.float32)
     x_next = traj.latents[lat_s, lat_t + 1].to(device, torch.float32)
     t = traj.timesteps[step_idx].to(device)
-    v = denoiser.predict_velocity(x, t, prompt_embeds, negative_embeds, expert=expert)
+    v = denoiser.predict_velocity(x, t, prompt_embeds, negative_embeds, expert=expert, image=image)
     return sde_step(v, x, traj.sigmas[step_idx].to(device), traj.sigmas[step_idx + 1].to(device),
                     kind=traj.sde_type, noise_level=traj.noise_level, next_latents=x_next,
-                    sigma_max=traj.sigma_max)
+                    sigma_max=traj.sigma_max, mask=None if image is None else image.generated)

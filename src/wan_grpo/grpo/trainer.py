@@ -29,7 +29,7 @@ from wan_grpo.errors import UserError
 from wan_grpo.grpo.advantages import best_of_n, group_advantages
 from wan_grpo.grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from wan_grpo.grpo.config import TrainConfig
-from wan_grpo.grpo.data import PromptOrder, load_prompts
+from wan_grpo.grpo.data import PromptOrder, load_prompt_records
 from wan_grpo.grpo.metrics import MetricsWriter
 from wan_grpo.grpo.policy import Policy, build_policy
 from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
@@ -39,6 +39,7 @@ from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import RewardSet, build_rewards
 from wan_grpo.runtime import describe_split, encode_all, load_model, place
 from wan_grpo.distributed import DistInfo, all_gather_cat, cleanup, init_distributed
+from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
 from wan_grpo.video import write_mp4
 
@@ -87,6 +88,8 @@ class Run:
     counters: dict
     dist: DistInfo
     eval_prompts: list[str]
+    images: list[str | None]  # per prompt (image-to-video models), else all None
+    eval_images: list[str | None]
 
     def local_slice(self, total: int) -> slice:
         per = total // self.dist.world_size
@@ -100,13 +103,20 @@ def _bar(total, desc, *, main: bool = True):
 def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     """One rollout and its optimizer steps; returns one metrics row per optimizer step."""
     cfg, n, main = run.cfg, run.cfg.num_generations, run.dist.is_main
-    prompts = run.order.batch(r)
+    picked = run.order.batch_indices(r)
+    prompts = [run.order.prompts[i] for i in picked]
     neg = run.cache.get([cfg.negative_prompt])
     seeds = [sample_seed(cfg.seed, r, g) for g in range(len(prompts) * n)]
     noise_seeds = [seeds[g - g % n] for g in range(len(seeds))] if cfg.share_noise else list(seeds)
     sample_prompts = [p for p in prompts for _ in range(n)]
     mine = run.local_slice(len(seeds))  # this rank's global samples
     cond = run.cache.get(sample_prompts[mine])
+    image = None
+    if run.images[0] is not None:  # one VAE encode per prompt of the rollout, shared by its group
+        width, height = parse_size(cfg.size)
+        per_prompt = encode_images(run.components, [run.images[i] for i in picked], width=width, height=height,
+                                   frame_num=cfg.frame_num, device=run.device)
+        image = per_prompt[torch.arange(len(seeds)) // n][mine]
 
     t0 = time.perf_counter()
     for e in run.policy.experts.values():
@@ -116,7 +126,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             run.denoiser, cond, neg, latent_shape_one=run.shape_one, seeds=seeds[mine],
             noise_seeds=noise_seeds[mine], config=run.sampler, micro_batch=cfg.rollout_batch_size,
             storage_dtype=torch.bfloat16 if cfg.trajectory_dtype == "bf16" else torch.float32,
-            storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update)
+            storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update, image=image)
     videos = list(decode_latents(run.components.vae, traj.final_latents))
     t1 = time.perf_counter()
 
@@ -159,7 +169,8 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
         uncond = neg.expand(len(cond), -1, -1)
         with _bar(len(transitions), "train", main=main) as bar:
             updates = policy_update(run.denoiser, run.policy, traj, adv.values[mine], keep[mine].float(),
-                                    transitions, cond, uncond, cfg=cfg, device=run.device, progress=bar.update)
+                                    transitions, cond, uncond, cfg=cfg, device=run.device, progress=bar.update,
+                                    image=image)
         run.counters["skipped_updates"] += sum(u.skipped for u in updates)
     t3 = time.perf_counter()
 
@@ -206,6 +217,7 @@ def evaluate_policy(run: Run) -> dict:
     for e in run.policy.experts.values():
         e.eval()
     rows = generate_and_score(run.components, run.denoiser, run.cache, run.rewards, run.eval_prompts, run.cfg,
+                              images=run.eval_images,
                               solver="unipc", num_samples=1, device=run.device, video_dir=None)
     names = [c for c in rows[0] if c in run.rewards.coefs] if rows else []
     return {f"eval_{c}_mean": s["mean"] for c, s in summarize(rows, names).items()}
@@ -234,10 +246,12 @@ def setup(cfg: TrainConfig) -> Run:
     components, cfg, device, dtype = load_model(cfg)
     rewards = build_rewards(cfg, default="brightness" if cfg.task == "tiny" else "videoalign", device=device,
                             drop_failed=True)
-    prompts = load_prompts(cfg.prompts)
+    prompts, images = load_prompt_records(cfg.prompts)
     if cfg.eval_interval and not cfg.eval_prompts:
         raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
-    eval_prompts = load_prompts(cfg.eval_prompts) if cfg.eval_interval else []
+    eval_prompts, eval_images = load_prompt_records(cfg.eval_prompts) if cfg.eval_interval else ([], [])
+    check_prompt_images(components, images, "--prompts")
+    check_prompt_images(components, eval_images, "--eval_prompts")
     width, height = parse_size(cfg.size)
     shape_one = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
     sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
@@ -266,7 +280,7 @@ def setup(cfg: TrainConfig) -> Run:
                sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
                seed=cfg.seed), device=device, save_dir=save_dir,
                counters={"skipped_updates": 0, "dropped_groups": 0, "unscored_groups": 0},
-               dist=info, eval_prompts=eval_prompts)
+               dist=info, eval_prompts=eval_prompts, images=images, eval_images=eval_images)
 
 
 def train(cfg: TrainConfig) -> Path:

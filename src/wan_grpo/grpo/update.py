@@ -79,6 +79,7 @@ def policy_update(
     cfg,
     device: torch.device,
     progress=None,
+    image=None,  # ImageCondition with N rows (image-conditioned models), or None
 ) -> list[UpdateStats]:
     """``cfg.optimizer_steps_per_rollout`` optimizer steps over the selected transitions.
 
@@ -106,8 +107,9 @@ def policy_update(
                 continue  # this expert is frozen: its steps carry no trainable parameters
             s, t = rows[:, 0], rows[:, 1]
             unc = None if uncond is None else uncond[s.to(uncond.device)]
+            img = None if image is None else image[s.to(image.latents.device)]
             out = replay.replay_transitions(denoiser, traj, s, t, cond[s.to(cond.device)], unc,
-                                            expert=expert, device=device)
+                                            expert=expert, device=device, image=img)
             adv = advantages[s].to(device)
             w = weights[s].to(device, torch.float32)
             old = traj.log_probs[s, t].to(device)
@@ -116,7 +118,7 @@ def policy_update(
             if cfg.kl_coef > 0:
                 with torch.no_grad(), policy.reference(denoiser) as ref_denoiser:
                     ref = replay.replay_transitions(ref_denoiser, traj, s, t, cond[s.to(cond.device)], unc,
-                                                    expert=expert, device=device)
+                                                    expert=expert, device=device, image=img)
                 kl = gaussian_kl(out.mean, ref.mean, out.std)
             loss = (w * (per_transition + cfg.kl_coef * kl)).sum() * scale
             bad = not torch.isfinite(loss)

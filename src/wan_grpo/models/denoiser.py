@@ -45,9 +45,11 @@ class MoEDenoiser:
     def uses_cfg(self, expert: int) -> bool:
         return self.guidance[expert] > 1.0
 
-    def _timestep(self, t: torch.Tensor, latents: torch.Tensor, patch_size) -> torch.Tensor:
+    def _timestep(self, t: torch.Tensor, latents: torch.Tensor, patch_size, image=None) -> torch.Tensor:
         if not self.expand_timesteps:
             return t
+        if image is not None and image.kind == "first_frame":
+            return image.timesteps(t, patch_size)
         # TI2V-5B: one timestep per token; with no conditioning image every token gets t.
         _, _, f, h, w = latents.shape
         seq_len = (f // patch_size[0]) * (h // patch_size[1]) * (w // patch_size[2])
@@ -61,10 +63,12 @@ class MoEDenoiser:
         negative_embeds: torch.Tensor | None,
         *,
         expert: int | None = None,
+        image=None,
     ) -> torch.Tensor:
         """Velocity (B, C, F, H, W) in float32. All B samples share one expert.
 
-        ``t`` is a float or a (B,) tensor; cond and uncond run as one batch of 2B.
+        ``t`` is a float or a (B,) tensor; cond and uncond run as one batch of 2B. ``image`` is an
+        ImageCondition with B rows (I2V channels, or the TI2V kept first frame), or None.
         """
         batch = latents.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=latents.device)
@@ -76,7 +80,7 @@ class MoEDenoiser:
             self.placement.activate(expert)
         model = self.experts[expert]
         dtype = model.dtype
-        x = latents.to(dtype)
+        x = (latents if image is None else image.model_input(latents)).to(dtype)
         cfg = self.uses_cfg(expert)
         if cfg:
             if negative_embeds is None:
@@ -94,7 +98,7 @@ class MoEDenoiser:
         with autocast:
             out = model(
                 hidden_states=x,
-                timestep=self._timestep(t_in, x, model.config.patch_size),
+                timestep=self._timestep(t_in, x, model.config.patch_size, image),
                 encoder_hidden_states=context.to(dtype),
                 return_dict=False,
             )[0]

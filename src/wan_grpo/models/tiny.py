@@ -36,13 +36,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def _tiny_transformer() -> WanTransformer3DModel:
+def _tiny_transformer(in_channels: int = 16, out_channels: int = 16) -> WanTransformer3DModel:
     return WanTransformer3DModel(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
+        in_channels=in_channels,
+        out_channels=out_channels,
         text_dim=TINY_TEXT_DIM,
         freq_dim=32,
         ffn_dim=32,
@@ -53,8 +53,15 @@ def _tiny_transformer() -> WanTransformer3DModel:
     )
 
 
-def build_tiny_components(seed: int = 0, *, two_experts: bool = True) -> WanComponents:
-    """Seeded tiny Wan2.2 T2V-A14B look-alike (high- and low-noise experts, Wan2.1 VAE)."""
+VARIANTS = ("t2v", "i2v", "ti2v")
+
+
+def build_tiny_components(seed: int = 0, *, two_experts: bool = True, variant: str = "t2v") -> WanComponents:
+    """Seeded tiny Wan2.2 look-alike: ``t2v`` (T2V-A14B: two experts, Wan2.1 VAE), ``i2v``
+    (I2V-A14B: in_channels 36, boundary 0.9) or ``ti2v`` (TI2V-5B: one dense expert over 48-channel
+    Wan2.2-VAE latents, expand_timesteps)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown tiny variant {variant!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = tiny_tokenizer()
@@ -73,23 +80,33 @@ def build_tiny_components(seed: int = 0, *, two_experts: bool = True) -> WanComp
                 decoder_start_token_id=0,
             )
         ).eval()
-        vae = AutoencoderKLWan(
-            base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        ).eval()
+        if variant == "ti2v":
+            from wan_grpo.models.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
+
+            vae = AutoencoderKLWan(
+                base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                is_residual=True, in_channels=12, out_channels=12, patch_size=2, scale_factor_temporal=4,
+                scale_factor_spatial=16, latents_mean=list(WAN22_LATENTS_MEAN), latents_std=list(WAN22_LATENTS_STD),
+            ).eval()
+        else:
+            vae = AutoencoderKLWan(
+                base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+            ).eval()
         # A random decoder averages latent changes away (mean luma moves ~1e-3 per unit latent shift);
         # a 10x output layer makes frame statistics respond to the latents, so the demo can learn.
         with torch.no_grad():
             vae.decoder.conv_out.weight.mul_(10.0)
-        transformer = _tiny_transformer()
-        transformer_2 = _tiny_transformer() if two_experts else None
+        channels = {"t2v": (16, 16), "i2v": (36, 16), "ti2v": (48, 48)}[variant]
+        transformer = _tiny_transformer(*channels)
+        transformer_2 = _tiny_transformer(*channels) if two_experts and variant != "ti2v" else None
     return WanComponents(
         transformer=transformer,
         transformer_2=transformer_2,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        boundary_ratio=TINY_BOUNDARY_RATIO if two_experts else None,
-        expand_timesteps=False,
+        boundary_ratio=(0.9 if variant == "i2v" else TINY_BOUNDARY_RATIO) if transformer_2 is not None else None,
+        expand_timesteps=variant == "ti2v",
         scheduler_config=dict(FlowMatchEulerDiscreteScheduler(shift=TINY_SHIFT).config),
         default_shift=TINY_SHIFT,
         source="tiny",

@@ -103,16 +103,17 @@ def initial_noise(shape: tuple[int, ...], *, generator: torch.Generator | None, 
 
 
 @torch.no_grad()
-def sample_unipc(denoiser, noise, prompt_embeds, negative_embeds, *, config: SamplerConfig, scheduler_config=None):
+def sample_unipc(denoiser, noise, prompt_embeds, negative_embeds, *, config: SamplerConfig, scheduler_config=None,
+                 image=None):
     """Deterministic UniPC sampling (flow prediction), for evaluation and plain sampling only."""
     scheduler = unipc_scheduler(shift=config.shift, base_config=scheduler_config)
     scheduler.set_timesteps(config.steps, device=noise.device)
     scheduler.set_begin_index(0)
     latents = noise
     for t in scheduler.timesteps:
-        v = denoiser.predict_velocity(latents, float(t), prompt_embeds, negative_embeds)
+        v = denoiser.predict_velocity(latents, float(t), prompt_embeds, negative_embeds, image=image)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
-    return latents
+    return latents if image is None else image.keep_generated(latents)
 
 
 @torch.no_grad()
@@ -127,12 +128,15 @@ def rollout(
     record: bool = True,
     storage_dtype: torch.dtype = torch.float32,
     storage_device: torch.device | str | None = None,
+    image=None,
 ) -> tuple[torch.Tensor, Trajectory | None]:
     """Euler/SDE sampling from ``noise`` (B, C, F, H, W). Returns final latents and the trajectory.
 
     Steps outside ``config.sde_window`` (and every step for ``euler``) are Euler steps. With
     ``record``, each sampled latent is rounded to ``storage_dtype`` before its log-prob is taken
     and before the next step starts, so re-evaluating the stored transition reproduces it.
+    ``image`` (an ImageCondition with B rows) conditions every call; for TI2V's kept first frame
+    the conditioned positions hold the image latent throughout and are left out of the log-probs.
     """
     if config.solver == "unipc":
         raise ValueError("UniPC has no transition density; use sample_unipc for plain sampling")
@@ -145,6 +149,9 @@ def rollout(
     storage_device = torch.device(storage_device) if storage_device is not None else noise.device
 
     latents = noise.float()
+    mask = None
+    if image is not None:
+        latents, mask = image.keep_generated(latents), image.generated
     if record:  # the model must see exactly what is stored, the noise included
         latents = latents.to(storage_dtype).float()
     stored = [latents.to(storage_device, storage_dtype)] if record else None
@@ -152,15 +159,17 @@ def rollout(
     trainable = torch.zeros(config.steps, dtype=torch.bool)
     for i in range(config.steps):
         v = denoiser.predict_velocity(latents, float(timesteps[i]), prompt_embeds, negative_embeds,
-                                      expert=int(experts[i]))
+                                      expert=int(experts[i]), image=image)
         kind = config.sde_type if stochastic[i] else "ode"
         out = sde_step(v, latents, float(sigmas[i]), float(sigmas[i + 1]), kind=kind,
-                       noise_level=config.noise_level, generator=generator, sigma_max=float(sigmas[1]))
+                       noise_level=config.noise_level, generator=generator, sigma_max=float(sigmas[1]), mask=mask)
         next_latents, log_prob = out.next_latents, out.log_prob
         trainable[i] = bool((out.std > 0).all())
+        if image is not None:  # the kept frame is never sampled (and is outside the log-prob's mask)
+            next_latents = image.keep_generated(next_latents)
         if record and storage_dtype != next_latents.dtype:
             next_latents = next_latents.to(storage_dtype).float()
-            log_prob = gaussian_log_prob(next_latents, out.mean, out.std)
+            log_prob = gaussian_log_prob(next_latents, out.mean, out.std, mask)
         if record:
             stored.append(next_latents.to(storage_device, storage_dtype))
             log_probs.append(log_prob.float().cpu())
@@ -203,6 +212,7 @@ def rollout_groups(
     storage_dtype: torch.dtype = torch.float32,
     storage_device=None,
     progress=None,
+    image=None,
 ) -> Trajectory:
     """One recorded sample per seed. Sample k's SDE noise comes from its own generator seeded with
     ``seeds[k]``, its initial noise from ``noise_seeds[k]`` (default: the same seed; give samples of a
@@ -222,7 +232,8 @@ def rollout_groups(
         sl = slice(start, min(start + step, total))
         gens = [stream(s, 1) for s in seeds[sl]]
         _, traj = rollout(denoiser, noise[sl], prompt_embeds[sl], None if uncond is None else uncond[sl],
-                          config=config, generator=gens, storage_dtype=storage_dtype, storage_device=storage_device)
+                          config=config, generator=gens, storage_dtype=storage_dtype, storage_device=storage_device,
+                          image=None if image is None else image[sl])
         parts.append(traj)
         if progress is not None:
             progress(sl.stop - sl.start)

@@ -51,13 +51,19 @@ def _per_sample(value: float | torch.Tensor, *, batch: int, ndim: int, dtype: to
     return t.view(batch, *([1] * (ndim - 1)))
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, std^2) averaged over all non-batch dims; 0 for samples whose std is 0."""
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """log N(x; mean, std^2) averaged over all non-batch dims (or over ``mask`` == 1 positions only,
+    e.g. the generated frames of an image-conditioned video); 0 for samples whose std is 0."""
     deterministic = std == 0
     safe_std = torch.where(deterministic, torch.ones_like(std), std)
     log_density = -((x - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - 0.5 * math.log(2 * math.pi)
     log_density = torch.where(deterministic, torch.zeros_like(log_density), log_density)
-    return log_density.mean(dim=tuple(range(1, x.ndim)))
+    dims = tuple(range(1, x.ndim))
+    if mask is None:
+        return log_density.mean(dim=dims)
+    mask = mask.to(log_density.dtype).expand_as(log_density)
+    return (log_density * mask).sum(dim=dims) / mask.sum(dim=dims)
 
 
 def sde_mean_std(
@@ -110,13 +116,15 @@ def sde_step(
     generator: torch.Generator | list[torch.Generator] | None = None,
     next_latents: torch.Tensor | None = None,
     sigma_max: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> SDEStepOutput:
     """Take (or, given ``next_latents``, evaluate) one step from sigma to sigma_next.
 
     Arithmetic runs in float32 (float64 if the latents are float64) whatever the model's dtype:
     the log-density of a 1e-4 ratio cannot be resolved in bf16. ``sigma``/``sigma_next`` are
     floats or [B] tensors. With ``next_latents`` given nothing is sampled and its log-prob is
-    returned: this is how training recomputes the log-prob of a recorded transition.
+    returned: this is how training recomputes the log-prob of a recorded transition. ``mask``
+    (broadcastable to the latents, 1 = sampled) restricts the log-prob's mean to those positions.
     """
     if kind not in SDE_KINDS:
         raise ValueError(f"unknown SDE kind {kind!r}; choose one of {', '.join(SDE_KINDS)}")
@@ -138,5 +146,5 @@ def sde_step(
     if kind == "ode" or bool((std == 0).all()):
         log_prob = torch.zeros(batch, dtype=compute_dtype, device=device)  # deterministic: skip the density
     else:
-        log_prob = gaussian_log_prob(next_latents.to(compute_dtype), mean, std)
+        log_prob = gaussian_log_prob(next_latents.to(compute_dtype), mean, std, mask)
     return SDEStepOutput(next_latents=next_latents, log_prob=log_prob, mean=mean, std=std)
