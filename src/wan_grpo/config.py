@@ -54,6 +54,17 @@ class ModelConfig:
     sde_type: str = opt("flow", "SDE of stochastic steps: flow (Flow-GRPO), dance (DanceGRPO), cps.",
                         choices=("flow", "dance", "cps"))
     noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO 0.7; DanceGRPO eta ~0.25-0.3).")
+    embedding_cache: str | None = opt(None, "Folder of prompt embeddings on disk (one safetensors file per prompt, "
+                                            "keyed by the text encoder's files, dtype and device type): new prompts "
+                                            "are added, and a run whose prompts are all there never loads the text "
+                                            "encoder. Safe to share between runs and processes.")
+    t5_cpu: bool = opt(False, "Run the UMT5 text encoder on CPU (the official t5_cpu); the embeddings then move to "
+                              "--device. Saves ~11 GB of accelerator memory while encoding.")
+    vae_tiling: bool = opt(False, "VAE decodes (and encodes conditioning images) in overlapping spatial tiles "
+                                  "(diffusers' enable_tiling: 256 px tiles, 192 px stride) to cut its memory; pixels "
+                                  "near seams differ slightly.")
+    vae_slicing: bool = opt(False, "VAE decodes a batch one video at a time (diffusers' enable_slicing); wan-grpo "
+                                   "already decodes one video per call, so this only matters to custom callers.")
 
 
 @dataclass
@@ -61,6 +72,8 @@ class SampleConfig(ModelConfig):
     prompt: str = opt("A cat walking in snow", "Text prompt.")
     sample_solver: str = opt("unipc", "unipc (as WanPipeline), euler (ODE) or sde (stochastic).",
                              choices=("unipc", "euler", "sde"))
+    image: str | None = opt(None, "Conditioning image (first frame): required by I2V-A14B, optional for TI2V-5B "
+                                  "(image mode); resized to --size as diffusers' WanImageToVideoPipeline does.")
     output: str = opt("sample.mp4", "Output mp4 path.")
     save_latents: str | None = opt(None, "Also write the final latents (before VAE decode) to this "
                                          ".safetensors file under the key 'latents'.")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -41,6 +43,16 @@ def cast_keeping_fp32(model, dtype: torch.dtype) -> None:
             tensor.data = tensor.data.to(torch.float32 if any(k in name for k in keep) else dtype)
 
 
+@dataclass
+class TextSetup:
+    """How encode_all gets the prompt embeddings; load_model attaches one as ``components.text_setup``."""
+
+    embedding_cache: str | None = None
+    t5_cpu: bool = False
+    identity: str = ""  # what the embeddings depend on besides the prompt (part of the --embedding_cache key)
+    load: Callable | None = None  # () -> (tokenizer, text_encoder) when load_model deferred loading them
+
+
 def load_model(cfg, *, load_text_encoder: bool = True):
     """(components, cfg with every None default filled). The models stay on CPU until placed."""
     from wan_grpo.models.loading import inspect_checkpoint, load_components
@@ -61,7 +73,15 @@ def load_model(cfg, *, load_text_encoder: bool = True):
             raise UserError("--task tiny builds its own model; drop --ckpt_dir or pass the checkpoint's task")
         index = inspect_checkpoint(cfg.ckpt_dir)
         task = task or infer_task(index)
-        components = load_components(cfg.ckpt_dir, dtype=dtype, load_text_encoder=load_text_encoder)
+        # With --embedding_cache the text encoder loads on the first uncached prompt: a run whose
+        # prompts are all cached never reads the 11 GB UMT5.
+        lazy = load_text_encoder and cfg.embedding_cache is not None
+        components = load_components(cfg.ckpt_dir, dtype=dtype, load_text_encoder=load_text_encoder and not lazy)
+    components.text_setup = _text_setup(cfg, components, dtype)
+    if cfg.vae_tiling:
+        components.vae.enable_tiling()
+    if cfg.vae_slicing:
+        components.vae.enable_slicing()
     preset = PRESETS[task]
     shift = cfg.sample_shift
     if shift is None:
@@ -103,13 +123,55 @@ def place(components, device: torch.device, *, offload_experts: bool = False) ->
             module.to(device)
 
 
-def encode_all(components, prompts: list[str], negative_prompt: str, *, device, dtype):
-    """Cache the embeddings of every prompt and the negative prompt, then free the text encoder."""
-    from wan_grpo.models.text import PromptEmbeddingCache
+def _text_setup(cfg, components, dtype: torch.dtype) -> TextSetup:
+    from functools import partial
 
+    from wan_grpo.models.text import files_identity, load_text_encoder, module_identity, text_encoder_paths
+
+    setup = TextSetup(embedding_cache=cfg.embedding_cache, t5_cpu=cfg.t5_cpu)
+    if cfg.embedding_cache is None:
+        return setup
+    if cfg.ckpt_dir is None:  # the built-in tiny model: its encoder is in memory (and always fp32)
+        setup.identity = "module:" + module_identity(components.text_encoder, components.tokenizer)
+    else:
+        setup.identity = f"files:{files_identity(list(text_encoder_paths(cfg.ckpt_dir)))}:{dtype}"
+        if components.text_encoder is None:
+            setup.load = partial(load_text_encoder, cfg.ckpt_dir, dtype=dtype)
+    return setup
+
+
+def text_encoder_device(device: torch.device, t5_cpu: bool) -> torch.device:
+    """--t5_cpu runs the text encoder on CPU (the official t5_cpu) whatever ``device`` is."""
+    return torch.device("cpu") if t5_cpu else device
+
+
+def encode_all(components, prompts: list[str], negative_prompt: str, *, device, dtype):
+    """Cache the embeddings of every prompt and the negative prompt, then free the text encoder.
+
+    With --embedding_cache, prompts found on disk are not encoded (and with all of them found the
+    text encoder is neither loaded, when load_model deferred it, nor moved); new ones are written.
+    """
+    from wan_grpo.models.text import EmbeddingDiskCache, PromptEmbeddingCache
+
+    setup = components.text_setup or TextSetup()
+    encoder_device = text_encoder_device(device, setup.t5_cpu)
     cache = PromptEmbeddingCache(device=device, dtype=dtype)
-    components.text_encoder.to(device)
-    cache.add(list(prompts) + [negative_prompt], components.tokenizer, components.text_encoder)
+    wanted = list(prompts) + [negative_prompt]
+    disk = None
+    if setup.embedding_cache is not None:
+        # CPU and GPU kernels round differently: an entry is reused only on the device type that made it.
+        disk = EmbeddingDiskCache(setup.embedding_cache, f"{setup.identity}:{encoder_device.type}",
+                                  max_sequence_length=cache.max_sequence_length)
+        missing = cache.add_from_disk(wanted, disk)
+        log.info("prompt embeddings: %d of %d from %s", len(cache), len(cache) + len(missing), setup.embedding_cache)
+    else:
+        missing = wanted
+    if missing:
+        if components.text_encoder is None and setup.load is not None:
+            components.tokenizer, components.text_encoder = setup.load()
+        if components.text_encoder is not None:
+            components.text_encoder.to(encoder_device)
+        cache.add(missing, components.tokenizer, components.text_encoder, disk=disk)
     components.drop_text_encoder()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -47,7 +47,8 @@ class TrainConfig(RewardConfig, ModelConfig):
                                    "Comma-separated module names that get LoRA adapters.")
     offload_model: bool = opt(False, "Keep only the active expert (and its optimizer state) on the accelerator; "
                                      "the other waits on CPU.")
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool | None = opt(None, "Recompute activations in backward to save memory. Default: on for "
+                                                    "real checkpoints, off for --task tiny.")
     # Distributed (README "Many GPUs")
     t5_fsdp: bool = opt(False, "Accepted for the design sketch's command lines: the text encoder runs once per "
                                "distinct prompt and is freed, so there is nothing to shard.")

@@ -22,6 +22,8 @@ def parse_train_experts(spec: str, components) -> list[int]:
     if bad or not wanted:
         raise UserError(f"--train_experts {spec!r}: use high, low or high,low")
     present = {HIGH: components.transformer is not None, LOW: components.transformer_2 is not None}
+    if set(wanted) == set(EXPERT_NAMES):  # "both" on a dense model (TI2V-5B): its one transformer
+        wanted = [n for n in wanted if present[EXPERT_NAMES.index(n)]]
     out = []
     for name in dict.fromkeys(wanted):
         idx = EXPERT_NAMES.index(name)
@@ -68,6 +70,13 @@ class Policy:
                 denoiser.experts = saved
 
 
+def use_gradient_checkpointing(cfg) -> bool:
+    """--gradient_checkpointing, or by default on for real checkpoints and off for the tiny model."""
+    if cfg.gradient_checkpointing is None:
+        return cfg.task != "tiny"
+    return bool(cfg.gradient_checkpointing)
+
+
 def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -> Policy:
     from peft import LoraConfig
 
@@ -90,7 +99,7 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -
             expert.requires_grad_(True)
         # Master weights of what trains are fp32; forward runs under bf16 autocast on CUDA.
         cast_training_params(expert, torch.float32)
-        if cfg.gradient_checkpointing:
+        if use_gradient_checkpointing(cfg):
             expert.enable_gradient_checkpointing()
         expert.train()
     if fsdp:

@@ -22,6 +22,7 @@ class WanComponents:
     scheduler_config: dict = field(default_factory=dict)
     default_shift: float = 5.0
     source: str = ""
+    text_setup: object | None = None  # runtime.TextSetup: --embedding_cache / --t5_cpu / deferred encoder load
 
     @property
     def experts(self) -> dict[str, WanTransformer3DModel]:
