@@ -172,3 +172,24 @@ def test_train_on_jsonl_prompts_with_images(variant, i2v, ti2v, tmp_path):
         txt = tmp_path / "p.txt"
         txt.write_text("a fox\n")
         assert main([*common[:4], str(txt), *common[5:], "--save_dir", str(tmp_path / "bad")]) == 2
+
+
+def test_ti2v_text_only_matches_wan_pipeline(ti2v):
+    """TI2V-5B without an image: per-token timesteps (all t), as WanPipeline(expand_timesteps=True)."""
+    from diffusers import WanPipeline
+
+    cache = PromptEmbeddingCache()
+    cache.add([PROMPT, NEGATIVE], ti2v.tokenizer, ti2v.text_encoder)
+    pipe = WanPipeline(tokenizer=ti2v.tokenizer, text_encoder=ti2v.text_encoder, vae=ti2v.vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), transformer=ti2v.transformer,
+                       expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt_embeds=cache.get([PROMPT]), negative_prompt_embeds=cache.get([NEGATIVE]), height=H, width=W,
+                  num_frames=F, num_inference_steps=STEPS, guidance_scale=5.0,
+                  generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent").frames
+    noise = initial_noise(latent_shape(ti2v, width=W, height=H, frame_num=F),
+                          generator=torch.Generator("cpu").manual_seed(SEED), device="cpu")
+    ours, _ = rollout(MoEDenoiser(ti2v, guidance_scale=5.0), noise, cache.get([PROMPT]), cache.get([NEGATIVE]),
+                      config=SamplerConfig(solver="euler", steps=STEPS, shift=SHIFT), record=False)
+    assert ours.shape == theirs.shape == (1, 48, 2, 4, 4)
+    assert rel_err(ours, theirs) <= 1e-4
