@@ -168,7 +168,11 @@ def test_train_on_jsonl_prompts_with_images(variant, i2v, ti2v, tmp_path):
     assert main([*common, "--save_dir", str(save_dir)]) == 0
     row = read_metrics(save_dir)[0]
     assert abs(row["ratio_mean"] - 1) <= 1e-5 and row["kept_samples"] == 4
-    if variant == "i2v":  # an I2V model with text-only prompts: a one-line error naming the fix
+    if variant == "i2v":  # eval reads the same jsonl images; text-only prompts are a one-line error
+        out = tmp_path / "eval"
+        assert main(["eval", "--ckpt_dir", str(ckpt), "--prompts", str(prompts), "--size", f"{W}*{H}", "--frame_num",
+                     "5", "--sampling_steps", "4", "--reward", "brightness", "--save_dir", str(out)]) == 0
+        assert (out / "eval.csv").read_text().count("\n") == 3
         txt = tmp_path / "p.txt"
         txt.write_text("a fox\n")
         assert main([*common[:4], str(txt), *common[5:], "--save_dir", str(tmp_path / "bad")]) == 2
