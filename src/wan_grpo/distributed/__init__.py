@@ -3,7 +3,10 @@
 Work division (global batch of N = batch_size * num_generations samples, W ranks):
 
     global sample g:   0 1 2 3 | 4 5 6 7 | ...      prompt p = g // num_generations
-    rank r holds:      g in [r*N/W, (r+1)*N/W)       (a group may span ranks)
+    rank r holds:      g in [d*N/D, (d+1)*N/D)       (a group may span ranks)
+
+with D = W / ulysses_size data-parallel slots and d = r // ulysses_size: the ranks of one
+context-parallel group (--ulysses_size) hold the same samples and split each one's sequence.
 
 Every sample's noise is seeded by g, rewards are all-gathered so every rank computes the same
 advantages, and each rank replays only its own samples, the same number of passes per expert.
@@ -25,10 +28,19 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    cp_size: int = 1  # ranks per context-parallel group (--ulysses_size)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.cp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp_size
 
     @property
     def enabled(self) -> bool:
@@ -69,6 +81,12 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def gather_samples(t: torch.Tensor, cp_size: int = 1) -> torch.Tensor:
+    """All ranks' samples in global order; a context-parallel group's copies are counted once."""
+    parts = all_gather_cat(t).chunk(world_size()) if world_size() > 1 else (t,)
+    return torch.cat(parts[::cp_size])
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

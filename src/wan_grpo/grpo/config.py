@@ -54,8 +54,9 @@ class TrainConfig(RewardConfig, ModelConfig):
                                "distinct prompt and is freed, so there is nothing to shard.")
     dit_fsdp: bool = opt(False, "Shard every expert with FSDP2 per transformer block; required with more than one "
                                 "process.")
-    ulysses_size: int = opt(1, "Ulysses sequence-parallel degree; only 1 in this version (CUDA context "
-                               "parallelism is planned).")
+    ulysses_size: int = opt(1, "Ulysses sequence parallelism: split each video's tokens over this many ranks "
+                               "(diffusers context parallelism; CUDA only, needs --dit_fsdp). Must divide the "
+                               "process count, the attention heads and the tokens per video.")
     # Output
     save_dir: str = opt("./grpo_checkpoints", "Run directory: metrics, samples, checkpoints, config.yaml.")
     save_interval: int = opt(0, "Checkpoint every N steps (0: only at the end).")

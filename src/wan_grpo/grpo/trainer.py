@@ -38,7 +38,8 @@ from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import RewardSet, build_rewards
 from wan_grpo.runtime import describe_split, encode_all, load_model, place
-from wan_grpo.distributed import DistInfo, all_gather_cat, cleanup, init_distributed
+from wan_grpo.distributed import DistInfo, cleanup, gather_samples, init_distributed
+from wan_grpo.distributed import context_parallel
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
 from wan_grpo.video import write_mp4
@@ -57,9 +58,6 @@ def parse_window(text: str | None) -> tuple[int, int] | None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.ulysses_size > 1:
-        raise UserError("--ulysses_size > 1 (context parallelism, CUDA only) is not available in this version; "
-                        "use --ulysses_size 1")
     if cfg.num_generations < 2:
         raise UserError(f"--num_generations {cfg.num_generations}: GRPO needs at least 2 samples per prompt")
     if cfg.best_of_n and (cfg.best_of_n % 2 or cfg.best_of_n > cfg.num_generations):
@@ -92,8 +90,8 @@ class Run:
     eval_images: list[str | None]
 
     def local_slice(self, total: int) -> slice:
-        per = total // self.dist.world_size
-        return slice(self.dist.rank * per, (self.dist.rank + 1) * per)
+        per = total // self.dist.dp_size  # context-parallel peers share their slot's samples
+        return slice(self.dist.dp_rank * per, (self.dist.dp_rank + 1) * per)
 
 
 def _bar(total, desc, *, main: bool = True):
@@ -132,7 +130,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
 
     with _bar(len(run.rewards.entries), "reward", main=main) as bar:
         local = run.rewards(videos, sample_prompts[mine], fps=cfg.fps)
-        components = {k: all_gather_cat(v.to(run.device)).cpu() for k, v in local.items()}
+        components = {k: gather_samples(v.to(run.device), run.dist.cp_size).cpu() for k, v in local.items()}
         bar.update(len(run.rewards.entries))
     # A sample without a finite score (e.g. a reward-server batch that failed after its retries)
     # takes its whole group out of the update: no made-up score ever reaches the advantages.
@@ -236,8 +234,10 @@ def setup(cfg: TrainConfig) -> Run:
     if not info.is_main:
         log.setLevel(logging.WARNING)
     total = cfg.batch_size * cfg.num_generations
-    if total % info.world_size:
-        raise UserError(f"--batch_size x --num_generations = {total} samples do not split over {info.world_size} "
+    context_parallel.check_device(cfg.ulysses_size, world_size=info.world_size, device_type=device.type)
+    info.cp_size = cfg.ulysses_size
+    if total % info.dp_size:
+        raise UserError(f"--batch_size x --num_generations = {total} samples do not split over {info.dp_size} "
                         "processes; make it a multiple of the process count")
     if cfg.offload_model and (cfg.dit_fsdp or (cfg.kl_coef > 0 and cfg.lora_rank == 0)):
         raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
@@ -254,6 +254,9 @@ def setup(cfg: TrainConfig) -> Run:
     check_prompt_images(components, eval_images, "--eval_prompts")
     width, height = parse_size(cfg.size)
     shape_one = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
+    patch = components.any_transformer.config.patch_size
+    context_parallel.check_model(cfg.ulysses_size, heads=components.any_transformer.config.num_attention_heads,
+                                 tokens=shape_one[2] // patch[0] * (shape_one[3] // patch[1]) * (shape_one[4] // patch[2]))
     sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
                             noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
     save_dir = Path(cfg.save_dir)
@@ -270,6 +273,10 @@ def setup(cfg: TrainConfig) -> Run:
     cache = encode_all(components, prompts + eval_prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device, offload_experts=cfg.offload_model)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp)
+    if cfg.ulysses_size > 1:
+        context_parallel.enable(list(components.experts.values()), cp_size=cfg.ulysses_size, device_type=device.type)
+        log.info("Ulysses: each video's tokens split over %d ranks; %d data-parallel slots", cfg.ulysses_size,
+                 info.dp_size)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     if cfg.offload_model:

@@ -90,6 +90,7 @@ def policy_update(
     """
     k = max(1, cfg.optimizer_steps_per_rollout)
     world = world_size()
+    cp = max(1, getattr(cfg, "ulysses_size", 1))  # ranks per context-parallel group
     if world == 1:
         transitions = transitions[weights[transitions[:, 0]] > 0]
     results = []
@@ -98,7 +99,7 @@ def policy_update(
         stats = UpdateStats()
         policy.optimizer.zero_grad(set_to_none=True)
         local_count = weights[chunk[:, 0]].sum() if len(chunk) else torch.zeros(())
-        global_count = float(all_reduce_sum(local_count.float().reshape(1)))
+        global_count = float(all_reduce_sum(local_count.float().reshape(1))) / cp
         scale = world / max(global_count, 1.0)
         # loss, ratio, clipfrac, approx_kl, kl, non-finite micro-batches, steps trained (high, low)
         sums = torch.zeros(8, dtype=torch.float64)
@@ -131,7 +132,7 @@ def policy_update(
             sums[6 + expert] += float(w.sum())
             if progress is not None:
                 progress(len(rows))
-        sums = all_reduce_sum(sums)  # one collective for every statistic of the step
+        sums = all_reduce_sum(sums) / cp  # one collective for every statistic; CP peers hold the same samples
         finite = bool(sums[5] == 0)
         for idx, name in enumerate(EXPERT_NAMES):
             stats.trained_steps[name] = int(sums[6 + idx])
