@@ -79,3 +79,26 @@ def test_gaussian_kl_matches_torch_distributions():
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, std.expand_as(m1)),
                                             torch.distributions.Normal(m2, std.expand_as(m2))).mean(dim=(1, 2))
     torch.testing.assert_close(kl, ref)
+
+
+def test_groups_without_rewards_stay_out_of_the_global_std_and_the_update():
+    """Unscored groups (filled with 0) get advantage 0, are not kept, not counted as zero-variance,
+    and do not shrink the batch std (float64 reference over the valid groups only)."""
+    r = torch.tensor([3.0, 5.0, 0.0, 0.0, 4.0, 7.0])  # group 1 has no rewards (zero-filled)
+    valid = torch.tensor([True, False, True])
+    adv = group_advantages({"VQ": r}, {"VQ": 1.0}, group_size=2, global_std=True, drop_zero_std_groups=True,
+                           valid_groups=valid)
+    pool = torch.tensor([3.0, 5.0, 4.0, 7.0], dtype=torch.float64)
+    std = pool.std(unbiased=False).item()
+    expected = [(3 - 4) / (std + 1e-4), (5 - 4) / (std + 1e-4), 0.0, 0.0, -1.5 / (std + 1e-4), 1.5 / (std + 1e-4)]
+    assert adv.values.tolist() == pytest.approx(expected, rel=1e-6)
+    assert adv.keep.tolist() == [True, True, False, False, True, True]
+    assert adv.dropped_groups == 0
+
+
+def test_gaussian_kl_mask_leaves_out_unsampled_positions():
+    mean, ref = torch.zeros(2, 3), torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 2.0]])
+    std = torch.ones(2, 3)
+    mask = torch.tensor([[0.0, 1.0, 1.0]])  # position 0 is the kept (conditioned) one
+    assert gaussian_kl(mean, ref, std, mask).tolist() == pytest.approx([0.0, 2.0])
+    assert gaussian_kl(mean, ref, std).tolist() == pytest.approx([1 / 6, 4 / 3])

@@ -43,6 +43,8 @@ def test_reward_spec_parses_builtins_weights_and_plugins():
     assert parse_reward_spec("reward_plugins:Pair:2") == [("reward_plugins:Pair", 2.0)]
     with pytest.raises(UserError, match="unknown reward 'brightnes'"):
         parse_reward_spec("brightnes")
+    with pytest.raises(UserError, match="give a finite number"):
+        parse_reward_spec("brightness:nan")
     with pytest.raises(UserError, match="cannot import"):
         build_rewards(RewardConfig(reward="no_such_module:fn"), default="brightness")
     with pytest.raises(UserError, match="has no 'nope'"):
@@ -143,6 +145,21 @@ def test_killed_server_is_retried_then_its_groups_are_dropped(tmp_path):
     assert rows[1]["unscored_groups"] == 2 and rows[2]["unscored_groups"] == 4  # both groups, each step
     assert rows[1]["reward_mean"] is None and rows[2]["skipped_updates"] == 2  # NaN is logged as null
     assert (save_dir / "checkpoint-3").is_dir()
+
+
+def test_a_failed_first_batch_is_dropped_too():
+    """/health names the server's components, so a batch can be dropped before any batch succeeded."""
+    proc, url = _start_server("--reward", "brightness:2")
+    try:
+        remote = RemoteReward(url, timeout=5, retries=2, backoff=0.01, drop_on_failure=True)
+        remote.check()
+        assert remote.components == ("brightness",) and remote.coefs == {"brightness": 2.0}
+    finally:
+        proc.kill()
+        proc.wait()
+    out = remote(_videos(2), ["a", "b"], fps=8)
+    assert set(out) == {"brightness"} and bool(torch.isnan(out["brightness"]).all())
+    assert remote.failed_batches == 1
 
 
 def test_remote_failure_raises_outside_training():

@@ -149,3 +149,8 @@ def test_bad_inputs_give_one_line_errors(released, tmp_path):
     (other / "model_config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="detailed_special"):
         load_videoreward(other, base=str(base))
+    cfg = json.loads((reward_dir / "model_config.json").read_text())
+    cfg["data_config"]["num_frames"] = 8
+    (other / "model_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="num_frames"):
+        load_videoreward(other, base=str(base))

@@ -101,6 +101,9 @@ def convert(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{output.name}.tmp-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
     try:
         pipe.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
         _check_output(output)  # nothing appeared there while we were writing

@@ -77,7 +77,10 @@ def run_score(cfg: ScoreConfig) -> list[dict]:
     step = max(1, cfg.reward_batch_size)
     for start in range(0, len(pairs), step):  # one batched call per chunk of videos with one frame rate
         chunk = pairs[start:start + step]
-        loaded = [read_video(path) for path, _ in chunk]
+        try:
+            loaded = [read_video(path) for path, _ in chunk]
+        except (ValueError, OSError) as exc:  # not a readable video
+            raise UserError(f"cannot read a video: {exc}") from exc
         by_fps: dict[float, list[int]] = {}
         for i, (_, fps) in enumerate(loaded):
             by_fps.setdefault(fps, []).append(i)

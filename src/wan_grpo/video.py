@@ -44,4 +44,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(stream)])
-        return frames, float(stream.average_rate or stream.guessed_rate)
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate:
+            raise ValueError(f"{path} has no frame rate; re-encode it with one (e.g. ffmpeg -r 16)")
+        return frames, float(rate)

@@ -21,8 +21,14 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     return loss, stats
 
 
-def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, std^2) || N(ref_mean, std^2)) per element, averaged over non-batch dims: (M,)."""
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) per element, averaged over non-batch dims (or over
+    ``mask`` == 1 positions, the sampled ones, as the log-probs): (M,)."""
     safe = torch.where(std == 0, torch.ones_like(std), std)
     kl = (mean - ref_mean) ** 2 / (2 * safe**2)
-    return kl.mean(dim=tuple(range(1, mean.ndim)))
+    dims = tuple(range(1, mean.ndim))
+    if mask is None:
+        return kl.mean(dim=dims)
+    mask = mask.to(kl.dtype).expand_as(kl)
+    return (kl * mask).sum(dim=dims) / mask.sum(dim=dims)

@@ -125,7 +125,8 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             noise_seeds=noise_seeds[mine], config=run.sampler, micro_batch=cfg.rollout_batch_size,
             storage_dtype=torch.bfloat16 if cfg.trajectory_dtype == "bf16" else torch.float32,
             storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update, image=image)
-    videos = list(decode_latents(run.components.vae, traj.final_latents))
+    final = traj.final_latents if image is None else image.keep_generated(traj.final_latents.float())  # exact kept frame
+    videos = list(decode_latents(run.components.vae, final))
     t1 = time.perf_counter()
 
     with _bar(len(run.rewards.entries), "reward", main=main) as bar:
@@ -143,8 +144,9 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     components = {k: torch.where(scored_samples, v, torch.zeros_like(v)) for k, v in components.items()}
     total_reward = run.rewards.total(components)[scored_samples]
     adv = group_advantages(components, run.rewards.coefs, group_size=n, global_std=cfg.global_std,
-                           drop_zero_std_groups=cfg.drop_zero_std_groups, clip_max=cfg.adv_clip_max)
-    keep = adv.keep & best_of_n(adv.values, n, cfg.best_of_n) & scored_samples
+                           drop_zero_std_groups=cfg.drop_zero_std_groups, clip_max=cfg.adv_clip_max,
+                           valid_groups=scored)
+    keep = adv.keep & best_of_n(adv.values, n, cfg.best_of_n)
     run.counters["dropped_groups"] += adv.dropped_groups
     t2 = time.perf_counter()
 

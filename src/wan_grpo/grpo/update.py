@@ -120,7 +120,7 @@ def policy_update(
                 with torch.no_grad(), policy.reference(denoiser) as ref_denoiser:
                     ref = replay.replay_transitions(ref_denoiser, traj, s, t, cond[s.to(cond.device)], unc,
                                                     expert=expert, device=device, image=img)
-                kl = gaussian_kl(out.mean, ref.mean, out.std)
+                kl = gaussian_kl(out.mean, ref.mean, out.std, None if img is None else img.generated)
             loss = (w * (per_transition + cfg.kl_coef * kl)).sum() * scale
             bad = not torch.isfinite(loss)
             if bad:  # keep going: every rank must run the same passes

@@ -8,6 +8,7 @@ or a dict of named components. Every component is logged; the total reward is th
 from __future__ import annotations
 
 import importlib
+import math
 
 import torch
 
@@ -31,6 +32,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
                 name, weight = head, float(tail)
             except ValueError:
                 pass  # module:callable without a weight
+        if not math.isfinite(weight):
+            raise UserError(f"reward weight of {name!r} is {weight}; give a finite number")
         if name not in NAMES and not _is_plugin(name):
             raise UserError(f"unknown reward {name!r}; --reward takes NAME[:WEIGHT],... with NAME in "
                             f"{', '.join(NAMES)} or a plug-in module.path:callable")
@@ -73,7 +76,10 @@ class RewardSet:
 
     def __init__(self, entries: list[tuple[Reward, float, dict[str, float]]]):
         self.entries = entries
-        self.coefs: dict[str, float] = {}  # filled as components appear (plug-ins name theirs when called)
+        self.coefs: dict[str, float] = {}  # declared components now; plug-ins' when they first answer
+        for reward, weight, inner in entries:
+            for name in getattr(reward, "components", None) or ():
+                self.coefs.setdefault(name, weight * inner.get(name, 1.0))
 
     def __call__(self, videos: list[torch.Tensor], prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         """All components of all rewards, each (N,) float32, checked for shape and duplicate names."""

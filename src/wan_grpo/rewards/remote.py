@@ -70,6 +70,7 @@ class RemoteReward:
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=min(self.timeout, 30.0)) as response:
                 self.coefs.update(json.loads(response.read()).get("coefs", {}))
+            self.components = tuple(self.coefs)  # so even a failed first batch can be dropped
         except (urllib.error.URLError, OSError, ValueError) as exc:
             from wan_grpo.errors import UserError
 
@@ -93,7 +94,7 @@ class RemoteReward:
                 return {k: torch.tensor(v, dtype=torch.float32) for k, v in answer["components"].items()}
             except urllib.error.HTTPError as exc:  # the server answered: its reward raised
                 error = f"HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}"
-            except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+            except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             log.warning("reward server %s, attempt %d/%d failed: %s", self.url, attempt, self.retries, error)
             if attempt < self.retries:

@@ -52,6 +52,9 @@ def read_model_config(root: Path) -> dict:
             model.get("reward_token") != SUPPORTED["reward_token"] or not model.get("use_special_tokens"):
         raise UserError(f"{path}: only the released VideoReward setup is supported (prompt_template_type "
                         f"'detailed_special', reward_token 'special', use_special_tokens true)")
+    if data.get("num_frames") is not None:
+        raise UserError(f"{path}: data_config.num_frames {data['num_frames']!r} (a fixed frame count) is not "
+                        "supported; the released VideoReward samples at data_config.fps (num_frames null)")
     if list(data.get("eval_dim", [])) != ["VQ", "MQ", "TA"]:
         raise UserError(f"{path}: data_config.eval_dim must be ['VQ', 'MQ', 'TA'], got {data.get('eval_dim')!r}")
     return cfg
