@@ -94,6 +94,10 @@ def test_groups_without_rewards_stay_out_of_the_global_std_and_the_update():
     assert adv.values.tolist() == pytest.approx(expected, rel=1e-6)
     assert adv.keep.tolist() == [True, True, False, False, True, True]
     assert adv.dropped_groups == 0
+    # The trainer passes unscored samples as NaN: the same result, nothing non-finite leaks out.
+    nan = group_advantages({"VQ": torch.where(valid.repeat_interleave(2), r, torch.tensor(float("nan")))},
+                           {"VQ": 1.0}, group_size=2, global_std=True, drop_zero_std_groups=True, valid_groups=valid)
+    assert torch.equal(nan.values, adv.values) and torch.equal(nan.keep, adv.keep) and nan.dropped_groups == 0
 
 
 def test_gaussian_kl_mask_leaves_out_unsampled_positions():

@@ -141,7 +141,6 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
         run.counters["unscored_groups"] += int((~scored).sum())
         log.warning("rollout %d: %d of %d groups have no finite reward and are left out of the update", r + 1,
                     int((~scored).sum()), len(scored))
-    components = {k: torch.where(scored_samples, v, torch.zeros_like(v)) for k, v in components.items()}
     total_reward = run.rewards.total(components)[scored_samples]
     adv = group_advantages(components, run.rewards.coefs, group_size=n, global_std=cfg.global_std,
                            drop_zero_std_groups=cfg.drop_zero_std_groups, clip_max=cfg.adv_clip_max,

@@ -71,8 +71,6 @@ def load_components(
     load_text_encoder: bool = True,
 ) -> WanComponents:
     """Load the experts, VAE, text encoder and tokenizer of a Wan2.2 directory (either layout)."""
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
     root = Path(ckpt_dir)
     index = inspect_checkpoint(root)
     if index.get("_layout") == "original":
@@ -87,11 +85,9 @@ def load_components(
 
     text_encoder = tokenizer = None
     if load_text_encoder:
-        for sub in ("text_encoder", "tokenizer"):
-            if not (root / sub).is_dir():
-                raise UserError(f"{root / sub} is missing; re-download the checkpoint")
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer")
-        text_encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", torch_dtype=dtype).eval()
+        from wan_grpo.models.text import load_tokenizer_and_encoder
+
+        tokenizer, text_encoder = load_tokenizer_and_encoder(root / "tokenizer", root / "text_encoder", dtype=dtype)
 
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else {}

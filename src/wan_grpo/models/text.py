@@ -151,11 +151,15 @@ def text_encoder_paths(ckpt_dir: str | Path) -> tuple[Path, Path]:
 
 def load_text_encoder(ckpt_dir: str | Path, *, dtype: torch.dtype):
     """(tokenizer, UMT5 encoder) alone, as load_components loads them (for a lazy load)."""
+    return load_tokenizer_and_encoder(*text_encoder_paths(ckpt_dir), dtype=dtype)
+
+
+def load_tokenizer_and_encoder(tokenizer_dir: Path, encoder: Path, *, dtype: torch.dtype):
+    """(tokenizer, UMT5 encoder) from a tokenizer folder and a diffusers folder or Wan's T5 .pth."""
     from transformers import AutoTokenizer, UMT5EncoderModel
 
     from wan_grpo.models.original import load_t5
 
-    tokenizer_dir, encoder = text_encoder_paths(ckpt_dir)
     for path in (tokenizer_dir, encoder):
         if not path.exists():
             raise UserError(f"{path} is missing; re-download the checkpoint")

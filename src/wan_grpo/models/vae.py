@@ -5,13 +5,19 @@ from __future__ import annotations
 import torch
 
 
+def latent_stats(vae, *, device=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE config's per-channel latents_mean and latents_std, shaped (1, z, 1, 1, 1)."""
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=dtype).view(1, z, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device, dtype=dtype).view(1, z, 1, 1, 1)
+    return mean, std
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, *, micro_batch: int = 1) -> torch.Tensor:
     """(B, z, F', H', W') latents -> (B, F, H, W, 3) uint8 frames on CPU."""
     device = next(vae.parameters()).device
-    z = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean, device=device, dtype=vae.dtype).view(1, z, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=device, dtype=vae.dtype).view(1, z, 1, 1, 1)
+    mean, std = latent_stats(vae, device=device, dtype=vae.dtype)
     videos = []
     for chunk in latents.split(max(1, micro_batch)):
         x = chunk.to(device, vae.dtype) * std + mean

@@ -103,13 +103,14 @@ def encode_images(components, images: list, *, width: int, height: int, frame_nu
     from diffusers.utils import load_image
     from diffusers.video_processor import VideoProcessor
 
+    from wan_grpo.models.vae import latent_stats
+
     vae = components.vae
     s, ts = components.vae_scale_factor_spatial, components.vae_scale_factor_temporal
     processor = VideoProcessor(vae_scale_factor=s)
     device = torch.device(device) if device is not None else next(vae.parameters()).device
-    z = int(vae.config.z_dim)
-    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+    mean, std = latent_stats(vae)
+    inv_std = 1.0 / std
     f_lat, h_lat, w_lat = (frame_num - 1) // ts + 1, height // s, width // s
     rows = []
     for image in images:
