@@ -9,7 +9,8 @@ import torch
 from _common import components, device_from, parser, record
 
 from wan_grpo.models.denoiser import MoEDenoiser
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.seeding import sample_seed
 
 
 def peak_rss_mib() -> float:

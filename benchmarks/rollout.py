@@ -11,7 +11,8 @@ from _common import add_model_args, components, device_from, parser, record, tim
 from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
 from wan_grpo.models.denoiser import MoEDenoiser
-from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, rollout_groups, sample_seed
+from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, rollout_groups
+from wan_grpo.seeding import sample_seed
 
 
 def main():

@@ -13,7 +13,8 @@ from _common import add_model_args, components, device_from, parser, record, tim
 from wan_grpo.grpo.loss import ppo_clip_loss
 from wan_grpo.grpo.replay import replay_transitions
 from wan_grpo.models.denoiser import MoEDenoiser
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.seeding import sample_seed
 
 
 def main():

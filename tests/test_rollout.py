@@ -6,7 +6,8 @@ import torch
 from wan_grpo.grpo.replay import replay_transitions
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.runtime import encode_all
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.seeding import sample_seed
 
 PROMPTS = ["a cat walking in snow", "a train moving through mountains"]
 

@@ -29,6 +29,7 @@ from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import encode_all, load_model, place
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.video import write_mp4
+from wan_grpo.seeding import seed_everything
 
 log = logging.getLogger("wan_grpo")
 EXPERT_DIRS = ("transformer", "transformer_2")
@@ -116,6 +117,7 @@ def generate_and_score(components, denoiser, cache, rewards, prompts: list[str],
 
 
 def run_eval(cfg: EvalConfig) -> Path:
+    seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
     if cfg.num_samples < 1:
         raise UserError("--num_samples must be >= 1")
     components, cfg, device, dtype = load_model(cfg)

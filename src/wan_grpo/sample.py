@@ -16,6 +16,7 @@ from wan_grpo.runtime import describe_split, encode_all, load_model, place
 from wan_grpo.sampling.conditioning import check_image, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.video import write_mp4
+from wan_grpo.seeding import seed_everything
 
 log = logging.getLogger("wan_grpo")
 
@@ -48,6 +49,7 @@ def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor
 
 
 def run_sample(cfg: SampleConfig) -> Path:
+    seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
     components, cfg, device, dtype = load_model(cfg)
     log.info("sampling %s with %s: %s, %d frames, %d %s steps, shift %.1f, guidance %.1f/%.1f",
              cfg.task, components.source, cfg.size, cfg.frame_num, cfg.sampling_steps, cfg.sample_solver,

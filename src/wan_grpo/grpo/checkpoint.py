@@ -63,10 +63,12 @@ def _export_expert(expert, weights: dict[str, torch.Tensor], folder: Path, *, lo
         from diffusers import WanPipeline
         from peft.utils import get_peft_model_state_dict
 
+        metadata = expert.peft_config["default"].to_dict()
+        metadata["target_modules"] = sorted(metadata["target_modules"])  # peft keeps a set: same bytes every run
         WanPipeline.save_lora_weights(
             folder,
             transformer_lora_layers=get_peft_model_state_dict(expert, state_dict=weights),
-            transformer_lora_adapter_metadata=expert.peft_config["default"].to_dict(),
+            transformer_lora_adapter_metadata=metadata,
         )
     else:
         expert.save_config(folder)

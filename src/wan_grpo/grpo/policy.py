@@ -12,6 +12,7 @@ from diffusers.training_utils import cast_training_params
 
 from wan_grpo.errors import UserError
 from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW
+from wan_grpo.seeding import lora_init_seed, seeded_global_rng
 
 log = logging.getLogger("wan_grpo")
 
@@ -90,8 +91,10 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -
     for idx, expert in experts.items():
         if lora:
             targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
-            expert.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                          init_lora_weights=True))
+            # peft draws lora_A from the global RNG: seed it per expert so --seed alone decides it.
+            with seeded_global_rng(lora_init_seed(cfg.seed, idx)):
+                expert.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
+                                              init_lora_weights=True))
         else:
             if cfg.kl_coef > 0:
                 references = references or {}

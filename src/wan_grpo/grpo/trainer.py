@@ -41,7 +41,8 @@ from wan_grpo.runtime import describe_split, encode_all, load_model, place
 from wan_grpo.distributed import DistInfo, cleanup, gather_samples, init_distributed
 from wan_grpo.distributed import context_parallel
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups, sample_seed
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.seeding import sample_seed, seed_everything
 from wan_grpo.video import write_mp4
 
 log = logging.getLogger("wan_grpo")
@@ -224,6 +225,7 @@ def evaluate_policy(run: Run) -> dict:
 
 def setup(cfg: TrainConfig) -> Run:
     validate(cfg)
+    seed_everything(cfg.seed)
     from wan_grpo.runtime import resolve_device
 
     device = resolve_device(cfg.device)

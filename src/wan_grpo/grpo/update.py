@@ -17,7 +17,8 @@ from wan_grpo.grpo import replay
 from wan_grpo.grpo.loss import gaussian_kl, ppo_clip_loss
 from wan_grpo.models.denoiser import EXPERT_NAMES
 from wan_grpo.distributed import all_reduce_sum, world_size
-from wan_grpo.sampling.rollout import Trajectory, stream
+from wan_grpo.sampling.rollout import Trajectory
+from wan_grpo.seeding import TIMESTEPS, stream
 
 log = logging.getLogger("wan_grpo")
 
@@ -44,7 +45,7 @@ def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, n
     """
     rows = []
     for i, seed in enumerate(seeds):
-        gen = stream(seed, 2)
+        gen = stream(seed, TIMESTEPS)
         for e in (0, 1):
             steps = torch.nonzero(traj.trainable & (traj.experts == e)).flatten()
             if len(steps) == 0:

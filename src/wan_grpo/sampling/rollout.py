@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from wan_grpo.errors import UserError
 from wan_grpo.sampling.schedule import SOLVERS, flow_match_schedule, sde_window_mask, unipc_scheduler
 from wan_grpo.sampling.sde import SDE_KINDS, gaussian_log_prob, sde_step
+from wan_grpo.seeding import INITIAL_NOISE, SDE_NOISE, stream
 
 
 @dataclass
@@ -189,16 +190,6 @@ def rollout(
     return latents, traj
 
 
-def sample_seed(base_seed: int, rollout_index: int, sample_index: int) -> int:
-    """Seed of one sample: a function of its GLOBAL index, so any world size or micro-batching draws
-    the same noise for it. Streams: 4s initial noise, 4s+1 SDE noise, 4s+2 timestep subset."""
-    return (base_seed * 1_000_003 + rollout_index) * 100_003 + sample_index
-
-
-def stream(seed: int, purpose: int) -> torch.Generator:
-    return torch.Generator().manual_seed(4 * int(seed) + purpose)
-
-
 def rollout_groups(
     denoiser,
     prompt_embeds: torch.Tensor,  # (P, L, D): one row per sample's prompt, P = len(seeds)
@@ -223,14 +214,14 @@ def rollout_groups(
     if prompt_embeds.shape[0] != total:
         raise ValueError(f"{prompt_embeds.shape[0]} prompt rows for {total} samples")
     noise_seeds = list(seeds) if noise_seeds is None else list(noise_seeds)
-    noise = torch.cat([initial_noise((1, *latent_shape_one[1:]), generator=stream(s, 0),
+    noise = torch.cat([initial_noise((1, *latent_shape_one[1:]), generator=stream(s, INITIAL_NOISE),
                                      device=device) for s in noise_seeds])
     uncond = None if negative_embeds is None else negative_embeds[:1].expand(total, -1, -1)
     step = micro_batch if micro_batch > 0 else total
     parts = []
     for start in range(0, total, step):
         sl = slice(start, min(start + step, total))
-        gens = [stream(s, 1) for s in seeds[sl]]
+        gens = [stream(s, SDE_NOISE) for s in seeds[sl]]
         _, traj = rollout(denoiser, noise[sl], prompt_embeds[sl], None if uncond is None else uncond[sl],
                           config=config, generator=gens, storage_dtype=storage_dtype, storage_device=storage_device,
                           image=None if image is None else image[sl])
