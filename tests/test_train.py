@@ -35,7 +35,7 @@ def test_demo_config_raises_reward(tmp_path):
     assert last - first > 0.015, (first, last)  # measured +0.027, about 10x the reward std
     assert last - first > 5 * within_group_std
     for key in ("reward_brightness_mean", "advantage_abs_mean", "loss", "ratio_mean", "clipfrac", "approx_kl",
-                "grad_norm_high", "grad_norm_low", "trained_steps_high", "trained_steps_low", "lr",
+                "grad_norm_high", "grad_norm_low", "trained_steps_high", "trained_steps_low", "lr_high", "lr_low",
                 "rollout_seconds", "reward_seconds", "train_seconds"):
         assert key in rows[0]
     assert (save_dir / "samples" / "step-000020.mp4").stat().st_size > 0
@@ -171,9 +171,9 @@ def test_non_finite_reward_skips_update(tmp_path, monkeypatch, caplog):
     (["--prompts", "/no/such.txt"], "does not exist"),
     (["--reward", "aesthetics"], "unknown reward 'aesthetics'"),
     (["--best_of_n", "3"], "must be even"),
-    (["--num_generations", "1"], "at least 2 samples"),
+    (["--num_generations", "1"], "--num_generations 1: must be >= 2"),
     (["--sde_window", "3"], "is not START:END"),
-    (["--train_experts", "middle"], "use high, low or high,low"),
+    (["--train_experts", "middle"], "use high, low, both or high,low"),
 ])
 def test_bad_train_input(tmp_path, capsys, args, needle):
     rc = main(["train", *FAST, "--save_dir", str(tmp_path / "bad"), *args])

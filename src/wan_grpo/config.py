@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import sys
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +19,53 @@ import yaml
 from wan_grpo.errors import UserError
 
 
-def opt(default, help: str, *, choices=None, type=None):
+BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
+          "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
+
+
+def opt(default, help: str, *, choices=None, type=None, **bounds):
+    """A config field. ``bounds`` (gt, ge, lt, le) declare its valid range; ``check_ranges`` enforces
+    them (and finiteness for every float) and the help text states them."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = choices
     if type is not None:
         meta["type"] = type
+    unknown = set(bounds) - set(BOUNDS)
+    if unknown:
+        raise TypeError(f"unknown bounds {unknown}")
+    if bounds:
+        meta["bounds"] = bounds
     return field(default=default, metadata=meta)
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """'> 0', '>= 1 and <= 8', or '' for a field without declared bounds."""
+    return " and ".join(f"{BOUNDS[k][0]} {_num(v)}" for k, v in f.metadata.get("bounds", {}).items())
+
+
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else f"{v:g}"
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """The field's help, with its valid range when it declares one."""
+    rng = range_text(f)
+    return f"{f.metadata.get('help', '')}" + (f" Range: {rng}." if rng else "")
+
+
+def check_ranges(config) -> None:
+    """One-line UserError for the first field outside its declared range, or a non-finite float."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None or isinstance(value, (bool, str)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            rng = range_text(f)
+            raise UserError(f"--{f.name} {value}: must be a finite number" + (f" {rng}" if rng else ""))
+        for kind, bound in f.metadata.get("bounds", {}).items():
+            if not BOUNDS[kind][1](value, bound):
+                raise UserError(f"--{f.name} {_num(value)}: must be {range_text(f)}")
 
 
 TASKS = ("tiny", "t2v-A14B", "i2v-A14B", "ti2v-5B")
@@ -40,20 +80,22 @@ class ModelConfig:
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
     dtype: str = opt("auto", "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
                      choices=("auto", "bf16", "fp16", "fp32"))
-    seed: int = opt(0, "Random seed (initial noise as diffusers' WanPipeline with Generator('cpu').manual_seed).")
+    seed: int = opt(0, "Random seed: decides the initial noise (as diffusers' WanPipeline with "
+                       "Generator('cpu').manual_seed), SDE noise, trained timesteps, LoRA initialisation and data "
+                       "order, on any number of processes.", ge=0, lt=2**32)
     size: str | None = opt(None, "Video size W*H, e.g. 832*480. Default: the preset's.")
-    frame_num: int | None = opt(None, "Frames per video (4k+1). Default: the preset's.")
-    fps: int | None = opt(None, "Frames per second of written videos. Default: the preset's.")
-    sampling_steps: int | None = opt(None, "Denoising steps. Default: the preset's.")
+    frame_num: int | None = opt(None, "Frames per video (4k+1). Default: the preset's.", ge=1)
+    fps: int | None = opt(None, "Frames per second of written videos. Default: the preset's.", gt=0)
+    sampling_steps: int | None = opt(None, "Denoising steps. Default: the preset's.", ge=1)
     sample_shift: float | None = opt(None, "Flow shift of the sigma schedule. Default: the official value of an "
-                                            "explicit --task preset, else the checkpoint's scheduler config.")
-    guidance_scale: float | None = opt(None, "CFG scale of the high-noise expert (transformer). Default: preset.")
+                                            "explicit --task preset, else the checkpoint's scheduler config.", gt=0)
+    guidance_scale: float | None = opt(None, "CFG scale of the high-noise expert (transformer). Default: preset.", ge=0)
     guidance_scale_2: float | None = opt(None, "CFG scale of the low-noise expert (transformer_2). Default: "
-                                                "preset, else --guidance_scale.")
+                                                "preset, else --guidance_scale.", ge=0)
     negative_prompt: str = opt("", "Negative prompt for CFG (diffusers' default: empty).")
     sde_type: str = opt("flow", "SDE of stochastic steps: flow (Flow-GRPO), dance (DanceGRPO), cps.",
                         choices=("flow", "dance", "cps"))
-    noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO 0.7; DanceGRPO eta ~0.25-0.3).")
+    noise_level: float = opt(0.7, "SDE noise level a (Flow-GRPO 0.7; DanceGRPO eta ~0.25-0.3).", ge=0, le=1)
     embedding_cache: str | None = opt(None, "Folder of prompt embeddings on disk (one safetensors file per prompt, "
                                             "keyed by the text encoder's files, dtype and device type): new prompts "
                                             "are added, and a run whose prompts are all there never loads the text "
@@ -103,7 +145,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         kind = _field_type(f, hints)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = {"help": f"{f.metadata.get('help', '')} (default: {default})", "default": argparse.SUPPRESS}
+        kwargs = {"help": f"{help_text(f)} (default: {default})", "default": argparse.SUPPRESS}
         if kind is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         else:
@@ -149,7 +191,9 @@ def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None 
     for f in dataclasses.fields(cls):
         if f.name in values and values[f.name] is not None:
             values[f.name] = _coerce(f, hints, values[f.name])
-    return cls(**values)
+    config = cls(**values)
+    check_ranges(config)
+    return config
 
 
 def _coerce(f, hints, value):
@@ -167,10 +211,6 @@ def _coerce(f, hints, value):
     return value
 
 
-def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
 def parse_size(size: str) -> tuple[int, int]:
     """'W*H' -> (width, height)."""
     try:
@@ -178,8 +218,3 @@ def parse_size(size: str) -> tuple[int, int]:
     except ValueError:
         raise UserError(f"--size {size!r} is not W*H; write it as e.g. 832*480") from None
     return w, h
-
-
-def die(message: str, code: int = 2) -> typing.NoReturn:
-    print(f"wan-grpo: error: {message}", file=sys.stderr)
-    raise SystemExit(code)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from wan_grpo.config import help_text
+
 
 def _table(cls, skip=()) -> list[str]:
     lines = ["| flag / YAML key | default | meaning |", "|---|---|---|"]
@@ -14,7 +16,7 @@ def _table(cls, skip=()) -> list[str]:
         if f.name in skip:
             continue
         default = "" if f.default is None else f"`{f.default}`"
-        lines.append(f"| `--{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
+        lines.append(f"| `--{f.name}` | {default} | {help_text(f).replace('|', '/')} |")
     return lines
 
 

@@ -30,9 +30,9 @@ from wan_grpo.runtime import encode_all, load_model, place
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.video import write_mp4
 from wan_grpo.seeding import seed_everything
+from wan_grpo.models.denoiser import EXPERT_DIRS
 
 log = logging.getLogger("wan_grpo")
-EXPERT_DIRS = ("transformer", "transformer_2")
 
 
 @dataclass
@@ -41,7 +41,7 @@ class EvalConfig(RewardConfig, ModelConfig):
     lora: str | None = opt(None, "A train checkpoint folder (checkpoint-<step>) whose LoRA or full weights are "
                                  "applied to the experts it contains.")
     save_dir: str = opt("./eval", "Output folder: eval.json, eval.csv, videos/, and compare files.")
-    num_samples: int = opt(1, "Videos per prompt (seeds seed + 1000 * prompt_index + k).")
+    num_samples: int = opt(1, "Videos per prompt (seeds seed + 1000 * prompt_index + k).", ge=1)
     eval_solver: str = opt("unipc", "Deterministic solver: unipc or euler.", choices=("unipc", "euler"))
     compare_to: str | None = opt(None, "An earlier eval folder (e.g. of the base model) to compare against.")
 

@@ -35,11 +35,11 @@ VAE_STRIDE = {"t2v-A14B": (4, 8, 8), "i2v-A14B": (4, 8, 8), "ti2v-5B": (4, 16, 1
 
 @dataclass
 class PlanConfig(ModelConfig):
-    lora_rank: int = opt(32, "LoRA rank (0: full fine-tuning).")
+    lora_rank: int = opt(32, "LoRA rank (0: full fine-tuning).", ge=0)
     lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2", "LoRA target modules.")
     train_experts: str = opt("high,low", "Experts trained: high, low or both.")
-    nproc: int = opt(1, "Processes sharding the experts with FSDP2 (--dit_fsdp); 1: no sharding.")
-    train_batch_size: int = opt(4, "Transitions per forward/backward micro-batch.")
+    nproc: int = opt(1, "Processes sharding the experts with FSDP2 (--dit_fsdp); 1: no sharding.", ge=1)
+    train_batch_size: int = opt(4, "Transitions per forward/backward micro-batch.", ge=1)
 
 
 def count_parameters(task: str, *, lora_rank: int, targets: list[str]) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from wan_grpo.errors import UserError
-from wan_grpo.presets import PRESETS, infer_task
+from wan_grpo.presets import PRESETS
 
 log = logging.getLogger("wan_grpo")
 
@@ -53,26 +53,78 @@ class TextSetup:
     load: Callable | None = None  # () -> (tokenizer, text_encoder) when load_model deferred loading them
 
 
-def load_model(cfg, *, load_text_encoder: bool = True):
-    """(components, cfg with every None default filled). The models stay on CPU until placed."""
-    from wan_grpo.models.loading import inspect_checkpoint, load_components
-    from wan_grpo.models.tiny import build_tiny_components
+def describe_task(info) -> str:
+    experts = "two experts" if info.has_high and info.has_low else "one dense model"
+    return f"{info.task}: {experts}, {info.in_channels} input channels, {info.z_dim}-channel latents"
 
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+
+def resolve_config(cfg):
+    """(cfg with every unset (None) field filled from the preset, ModelInfo), reading config files only.
+
+    Runs before any weights load, so settings can be checked against the model up front.
+    """
+    from wan_grpo.models.loading import checkpoint_info
+    from wan_grpo.models.tiny import tiny_info
+
     task = cfg.task
     if cfg.ckpt_dir is None:
         if task not in (None, "tiny"):
             raise UserError(f"--task {task} needs --ckpt_dir pointing at its checkpoint (diffusers or original layout)")
-        task = "tiny"
+        info = tiny_info()
+    else:
+        if task == "tiny":
+            raise UserError("--task tiny builds its own model; drop --ckpt_dir or pass the checkpoint's task")
+        info = checkpoint_info(cfg.ckpt_dir)
+        if task is not None and task != info.task:
+            raise UserError(f"--task {task} does not match {cfg.ckpt_dir} ({describe_task(info)}); pass --task "
+                            f"{info.task} or drop --task")
+    task = info.task
+    preset = PRESETS[task]
+    shift = cfg.sample_shift
+    if shift is None:
+        # An explicit --task preset uses the official shift; otherwise the checkpoint's scheduler
+        # config decides (diffusers-format A14B repos ship 3.0, not the official 12.0 / 5.0).
+        shift = preset.shift if cfg.task is not None else info.default_shift
+        if info.default_shift != preset.shift:
+            if cfg.task is not None:
+                log.info("shift %g: the official %s value (the checkpoint's scheduler config says %g; "
+                         "--sample_shift overrides)", shift, task, info.default_shift)
+            else:
+                log.warning("shift %g from the checkpoint's scheduler config, not the official %g of %s; pass "
+                            "--task %s or --sample_shift for the official expert split", shift, preset.shift,
+                            task, task)
+    unset = lambda value, default: default if value is None else value  # noqa: E731 (0 is a value, not "unset")
+    filled = dataclasses.replace(
+        cfg,
+        task=task,
+        size=unset(cfg.size, preset.size),
+        frame_num=unset(cfg.frame_num, preset.frame_num),
+        fps=unset(cfg.fps, preset.fps),
+        sampling_steps=unset(cfg.sampling_steps, preset.sampling_steps),
+        sample_shift=shift,
+        guidance_scale=unset(cfg.guidance_scale, preset.guidance_scale),
+        guidance_scale_2=(
+            cfg.guidance_scale_2
+            if cfg.guidance_scale_2 is not None
+            else (preset.guidance_scale_2 if cfg.guidance_scale is None else cfg.guidance_scale)
+        ),
+    )
+    return filled, info
+
+
+def load_model(cfg, *, load_text_encoder: bool = True):
+    """(components, cfg with every None default filled, device, dtype). The models stay on CPU until placed."""
+    from wan_grpo.models.loading import load_components
+    from wan_grpo.models.tiny import build_tiny_components
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    filled, _ = resolve_config(cfg)
+    if cfg.ckpt_dir is None:
         components = build_tiny_components(0)  # the model is fixed; --seed drives sampling
         for expert in components.experts.values():
             cast_keeping_fp32(expert, dtype)
     else:
-        if task == "tiny":
-            raise UserError("--task tiny builds its own model; drop --ckpt_dir or pass the checkpoint's task")
-        index = inspect_checkpoint(cfg.ckpt_dir)
-        task = task or infer_task(index)
         # With --embedding_cache the text encoder loads on the first uncached prompt: a run whose
         # prompts are all cached never reads the 11 GB UMT5.
         lazy = load_text_encoder and cfg.embedding_cache is not None
@@ -82,36 +134,6 @@ def load_model(cfg, *, load_text_encoder: bool = True):
         components.vae.enable_tiling()
     if cfg.vae_slicing:
         components.vae.enable_slicing()
-    preset = PRESETS[task]
-    shift = cfg.sample_shift
-    if shift is None:
-        # An explicit --task preset uses the official shift; otherwise the checkpoint's scheduler
-        # config decides (diffusers-format A14B repos ship 3.0, not the official 12.0 / 5.0).
-        ckpt_shift = components.default_shift if cfg.ckpt_dir is not None else preset.shift
-        shift = preset.shift if cfg.task is not None else ckpt_shift
-        if ckpt_shift != preset.shift:
-            if cfg.task is not None:
-                log.info("shift %g: the official %s value (the checkpoint's scheduler config says %g; "
-                         "--sample_shift overrides)", shift, task, ckpt_shift)
-            else:
-                log.warning("shift %g from the checkpoint's scheduler config, not the official %g of %s; pass "
-                            "--task %s or --sample_shift for the official expert split", shift, preset.shift,
-                            task, task)
-    filled = dataclasses.replace(
-        cfg,
-        task=task,
-        size=cfg.size or preset.size,
-        frame_num=cfg.frame_num or preset.frame_num,
-        fps=cfg.fps or preset.fps,
-        sampling_steps=cfg.sampling_steps or preset.sampling_steps,
-        sample_shift=shift,
-        guidance_scale=preset.guidance_scale if cfg.guidance_scale is None else cfg.guidance_scale,
-        guidance_scale_2=(
-            cfg.guidance_scale_2
-            if cfg.guidance_scale_2 is not None
-            else (preset.guidance_scale_2 if cfg.guidance_scale is None else cfg.guidance_scale)
-        ),
-    )
     return components, filled, device, dtype
 
 

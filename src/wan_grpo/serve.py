@@ -18,7 +18,7 @@ log = logging.getLogger("wan_grpo")
 class ServerConfig(RewardConfig):
     host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0 for other machines; the server has no "
                                  "authentication, keep it on a trusted network).")
-    port: int = opt(8765, "Port to listen on (0: any free port, printed at start-up).")
+    port: int = opt(8765, "Port to listen on (0: any free port, printed at start-up).", ge=0, le=65535)
     device: str = opt("auto", "Device of the reward model when --reward_device is unset: auto, cpu, cuda[:N].")
 
 

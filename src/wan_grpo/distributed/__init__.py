@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
     world_size: int = 1
@@ -42,10 +42,6 @@ class DistInfo:
     def dp_rank(self) -> int:
         return self.rank // self.cp_size
 
-    @property
-    def enabled(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -53,14 +49,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(*, device_type: str, need_group: bool) -> DistInfo:
+def init_distributed(*, device_type: str, need_group: bool, cp_size: int = 1) -> DistInfo:
     """Join torchrun's group (nccl on CUDA, gloo on CPU); a single process gets a 1-rank group only
-    when ``need_group`` (FSDP2 needs one)."""
+    when ``need_group`` (FSDP2 needs one). ``cp_size``: ranks per context-parallel group."""
     if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), cp_size)
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not under_torchrun and not need_group:
-        return DistInfo()
+        return DistInfo(cp_size=cp_size)
     backend = "nccl" if device_type == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device_type == "cuda":
@@ -71,7 +67,7 @@ def init_distributed(*, device_type: str, need_group: bool) -> DistInfo:
     else:  # a private 1-rank group; the environment is left alone for child processes
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                                 world_size=1, timeout=timeout)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, cp_size)
 
 
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:

@@ -33,8 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
+from wan_grpo.models.denoiser import EXPERT_DIRS
 
-EXPERT_DIRS = ("transformer", "transformer_2")
 STATE_FILE = "training_state.pt"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
@@ -137,6 +137,22 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> Path | None:
         raise UserError(f"--resume {path} is not a complete checkpoint (no {STATE_FILE}); pass checkpoint-<step> "
                         "or --resume auto")
     return path
+
+
+def check_resumable(path: Path, cfg) -> None:
+    """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds."""
+    from wan_grpo.grpo.policy import expert_names, lora_targets
+
+    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False).get("config", {})
+    checks = [("lora_rank", lambda c: int(c["lora_rank"])),
+              ("train_experts", lambda c: sorted(expert_names(c["train_experts"])))]
+    if cfg.lora_rank > 0 and saved.get("lora_rank", 0) > 0:
+        checks += [("lora_alpha", lambda c: float(c["lora_alpha"])),
+                   ("lora_target_modules", lambda c: lora_targets(c["lora_target_modules"]))]
+    for flag, norm in checks:
+        if flag in saved and norm(saved) != norm(vars(cfg)):
+            raise UserError(f"--{flag} {getattr(cfg, flag)!r} differs from {path}'s {saved[flag]!r}; resume with "
+                            f"--{flag} {saved[flag]} or start a new --save_dir")
 
 
 def load_checkpoint(path: Path, policy) -> dict:

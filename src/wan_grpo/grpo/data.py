@@ -20,20 +20,22 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load_prompts(path: str | None) -> list[str]:
-    """.txt: one prompt per non-empty line; .jsonl: one object per line with a 'prompt' field."""
-    return load_prompt_records(path)[0]
-
-
-def load_prompt_records(path: str | None) -> tuple[list[str], list[str | None]]:
-    """(prompts, images): .jsonl lines may carry an 'image' path (relative to the file's folder)
-    for image-to-video models; .txt prompts and lines without it have None."""
+def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[list[str], list[str | None]]:
+    """(prompts, images): .txt has one prompt per non-empty line; .jsonl one object per line with a
+    'prompt' field and optionally an 'image' path (relative to the file's folder) for image-to-video
+    models; .txt prompts and lines without it have None."""
     if path is None:
         return list(DEFAULT_PROMPTS), [None] * len(DEFAULT_PROMPTS)
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--prompts {p} does not exist; pass a .txt (one prompt per line) or .jsonl file")
-    lines = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        what = "is a folder" if p.is_dir() else "does not exist"
+        raise UserError(f"{flag} {p} {what}; pass a .txt (one prompt per line) or .jsonl file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{flag} {p} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8") \
+            from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     images: list[str | None] = [None] * len(lines)
     if p.suffix == ".jsonl":
         prompts, images = [], []
@@ -53,7 +55,7 @@ def load_prompt_records(path: str | None) -> tuple[list[str], list[str | None]]:
                 images.append(image)
         lines = prompts
     if not lines:
-        raise UserError(f"--prompts {p} holds no prompts; add one prompt per line")
+        raise UserError(f"{flag} {p} holds no prompts; add one prompt per line")
     return lines, images
 
 
@@ -77,6 +79,3 @@ class PromptOrder:
         perm = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch))
         picks = [(j * self.batch_size + i) % len(self.prompts) for i in range(self.batch_size)]
         return [int(perm[i]) for i in picks]
-
-    def batch(self, rollout_index: int) -> list[str]:
-        return [self.prompts[i] for i in self.batch_indices(rollout_index)]

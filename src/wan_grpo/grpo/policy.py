@@ -11,26 +11,31 @@ import torch
 from diffusers.training_utils import cast_training_params
 
 from wan_grpo.errors import UserError
-from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW
+from wan_grpo.models.denoiser import EXPERT_DIRS, EXPERT_NAMES, HIGH, LOW
 from wan_grpo.seeding import lora_init_seed, seeded_global_rng
 
 log = logging.getLogger("wan_grpo")
 
 
-def parse_train_experts(spec: str, components) -> list[int]:
-    wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [w for w in wanted if w not in EXPERT_NAMES]
-    if bad or not wanted:
-        raise UserError(f"--train_experts {spec!r}: use high, low or high,low")
-    present = {HIGH: components.transformer is not None, LOW: components.transformer_2 is not None}
-    if set(wanted) == set(EXPERT_NAMES):  # "both" on a dense model (TI2V-5B): its one transformer
-        wanted = [n for n in wanted if present[EXPERT_NAMES.index(n)]]
+def expert_names(spec: str) -> list[str]:
+    """--train_experts as expert names: high, low, both, or a comma list of them (duplicates once)."""
+    wanted = [w.strip() for w in str(spec).split(",") if w.strip()]
+    wanted = [n for w in wanted for n in (EXPERT_NAMES if w == "both" else (w,))]
+    if not wanted or any(w not in EXPERT_NAMES for w in wanted):
+        raise UserError(f"--train_experts {spec!r}: use high, low, both or high,low")
+    return list(dict.fromkeys(wanted))
+
+
+def train_expert_indices(spec: str, present: tuple[bool, bool]) -> list[int]:
+    """Indices (HIGH, LOW) of the experts to train, given which expert slots the model has."""
+    names = expert_names(spec)
+    if set(names) == set(EXPERT_NAMES):  # "both" on a dense model (TI2V-5B): its one transformer
+        names = [n for n in names if present[EXPERT_NAMES.index(n)]]
     out = []
-    for name in dict.fromkeys(wanted):
+    for name in names:
         idx = EXPERT_NAMES.index(name)
         if not present[idx]:
-            dir_name = "transformer" if idx == HIGH else "transformer_2"
-            raise UserError(f"--train_experts {name}: this checkpoint has no {dir_name}; drop {name!r}")
+            raise UserError(f"--train_experts {name}: this checkpoint has no {EXPERT_DIRS[idx]}; drop {name!r}")
         out.append(idx)
     return sorted(out)
 
@@ -71,6 +76,14 @@ class Policy:
                 denoiser.experts = saved
 
 
+def lora_targets(spec: str) -> list[str]:
+    """--lora_target_modules as a sorted list of module names."""
+    targets = sorted({t.strip() for t in str(spec).split(",") if t.strip()})
+    if not targets:
+        raise UserError(f"--lora_target_modules {spec!r} names no module; e.g. to_q,to_k,to_v,to_out.0")
+    return targets
+
+
 def use_gradient_checkpointing(cfg) -> bool:
     """--gradient_checkpointing, or by default on for real checkpoints and off for the tiny model."""
     if cfg.gradient_checkpointing is None:
@@ -81,7 +94,7 @@ def use_gradient_checkpointing(cfg) -> bool:
 def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -> Policy:
     from peft import LoraConfig
 
-    indices = parse_train_experts(cfg.train_experts, components)
+    indices = train_expert_indices(cfg.train_experts, components.presence)
     experts = {i: (components.transformer, components.transformer_2)[i] for i in indices}
     for module in (components.transformer, components.transformer_2):
         if module is not None:
@@ -90,18 +103,24 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -
     references = None
     for idx, expert in experts.items():
         if lora:
-            targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
             # peft draws lora_A from the global RNG: seed it per expert so --seed alone decides it.
             with seeded_global_rng(lora_init_seed(cfg.seed, idx)):
-                expert.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=targets,
-                                              init_lora_weights=True))
+                try:
+                    expert.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                  target_modules=lora_targets(cfg.lora_target_modules),
+                                                  init_lora_weights=True))
+                except ValueError as exc:  # peft: no module matches a target
+                    raise UserError(f"--lora_target_modules {cfg.lora_target_modules!r}: {str(exc).splitlines()[0]}; "
+                                    "name Linear layers of WanTransformer3DModel, e.g. to_q,to_k,to_v,to_out.0")\
+                        from None
         else:
-            if cfg.kl_coef > 0:
-                references = references or {}
-                references[idx] = copy.deepcopy(expert).eval()
             expert.requires_grad_(True)
         # Master weights of what trains are fp32; forward runs under bf16 autocast on CUDA.
         cast_training_params(expert, torch.float32)
+        if not lora and cfg.kl_coef > 0:
+            # copied after the cast, so the reference predicts exactly what the policy does at step 0
+            references = references or {}
+            references[idx] = copy.deepcopy(expert).requires_grad_(False).eval()
         if use_gradient_checkpointing(cfg):
             expert.enable_gradient_checkpointing()
         expert.train()

@@ -16,32 +16,34 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from wan_grpo.config import parse_size
+from wan_grpo.config import check_ranges, parse_size
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.advantages import best_of_n, group_advantages
-from wan_grpo.grpo.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from wan_grpo.grpo.checkpoint import check_resumable, load_checkpoint, resolve_resume, save_checkpoint
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.data import PromptOrder, load_prompt_records
 from wan_grpo.grpo.metrics import MetricsWriter
-from wan_grpo.grpo.policy import Policy, build_policy
-from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
-from wan_grpo.models.denoiser import EXPERT_NAMES, MoEDenoiser
+from wan_grpo.grpo.policy import Policy, build_policy, expert_names, lora_targets, train_expert_indices
+from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions, transitions_per_sample
+from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW, MoEDenoiser, route
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import RewardSet, build_rewards
-from wan_grpo.runtime import describe_split, encode_all, load_model, place
+from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_config, resolve_device
 from wan_grpo.distributed import DistInfo, cleanup, gather_samples, init_distributed
 from wan_grpo.distributed import context_parallel
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, plan_steps, rollout_groups
 from wan_grpo.seeding import sample_seed, seed_everything
 from wan_grpo.video import write_mp4
 
@@ -59,16 +61,56 @@ def parse_window(text: str | None) -> tuple[int, int] | None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.num_generations < 2:
-        raise UserError(f"--num_generations {cfg.num_generations}: GRPO needs at least 2 samples per prompt")
+    """Checks that need nothing but the settings: before any process group, file or model."""
+    check_ranges(cfg)
     if cfg.best_of_n and (cfg.best_of_n % 2 or cfg.best_of_n > cfg.num_generations):
         raise UserError(f"--best_of_n {cfg.best_of_n} must be even and <= --num_generations ({cfg.num_generations})")
-    if not 0 < cfg.timestep_fraction <= 1:
-        raise UserError(f"--timestep_fraction {cfg.timestep_fraction} must be in (0, 1]")
-    if cfg.clip_range <= 0:
-        raise UserError(f"--clip_range {cfg.clip_range} must be > 0")
-    if cfg.optimizer_steps_per_rollout < 1:
-        raise UserError("--optimizer_steps_per_rollout must be >= 1")
+    if cfg.noise_level == 0:
+        raise UserError("--noise_level 0 makes every step deterministic, so nothing can be trained; use e.g. 0.7 "
+                        "(flow) or 0.3 (dance)")
+    k = cfg.optimizer_steps_per_rollout
+    if cfg.max_steps % k:
+        lower, upper = cfg.max_steps // k * k, (cfg.max_steps // k + 1) * k
+        raise UserError(f"--max_steps {cfg.max_steps} is not a multiple of --optimizer_steps_per_rollout {k} (a "
+                        f"rollout's optimizer steps are never split); use {lower or upper} or {upper}")
+    parse_window(cfg.sde_window)
+    expert_names(cfg.train_experts)
+    if cfg.lora_rank > 0:
+        lora_targets(cfg.lora_target_modules)
+    if cfg.offload_model and (cfg.dit_fsdp or (cfg.kl_coef > 0 and cfg.lora_rank == 0)):
+        raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
+    if cfg.dit_fsdp and cfg.kl_coef > 0 and cfg.lora_rank == 0:
+        raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA (--lora_rank)")
+    if cfg.eval_interval and not cfg.eval_prompts:
+        raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
+
+
+def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
+    """Settings against the model's expert split, from config files only (before weights load)."""
+    trained = train_expert_indices(cfg.train_experts, (info.has_high, info.has_low))
+    plan = plan_steps(sampler, partial(route, boundary_ratio=info.boundary_ratio,
+                                       num_train_timesteps=info.num_train_timesteps,
+                                       present=(info.has_high, info.has_low)))
+    owned = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in trained}
+    per_sample = sum(transitions_per_sample(n, cfg.timestep_fraction) for n in owned.values())
+    split = describe_steps(plan)
+    if per_sample == 0:
+        raise UserError(f"--train_experts {cfg.train_experts} owns none of the stochastic steps ({split}); widen "
+                        "--sde_window, change --sample_shift or train the other expert")
+    for e, n in owned.items():
+        if n == 0:
+            log.warning("the %s expert owns none of the trainable steps (%s); it gets no updates", EXPERT_NAMES[e],
+                        split)
+    k = cfg.optimizer_steps_per_rollout
+    if per_sample < k:
+        raise UserError(f"--optimizer_steps_per_rollout {k} needs at least {k} replayed steps per sample, but "
+                        f"--timestep_fraction {cfg.timestep_fraction:g} of the trained experts' steps ({split}) gives "
+                        f"{per_sample}; raise --timestep_fraction or lower --optimizer_steps_per_rollout")
+
+
+def describe_steps(plan) -> str:
+    counts = [int((plan.stochastic & (plan.experts == e)).sum()) for e in (HIGH, LOW)]
+    return f"{counts[0]} high-noise and {counts[1]} low-noise of {len(plan.timesteps)} steps are stochastic"
 
 
 @dataclass
@@ -89,6 +131,7 @@ class Run:
     eval_prompts: list[str]
     images: list[str | None]  # per prompt (image-to-video models), else all None
     eval_images: list[str | None]
+    resume: Path | None  # the checkpoint to continue from
 
     def local_slice(self, total: int) -> slice:
         per = total // self.dist.dp_size  # context-parallel peers share their slot's samples
@@ -150,34 +193,29 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     run.counters["dropped_groups"] += adv.dropped_groups
     t2 = time.perf_counter()
 
-    if r == 0:
-        for idx in run.policy.experts:
-            if not bool(((traj.experts == idx) & traj.trainable).any()):
-                log.warning("the %s expert owns none of the trainable steps (shift/--sde_window); it gets no updates",
-                            EXPERT_NAMES[idx])
     finite = bool(scored.any()) and bool(torch.isfinite(adv.values).all())
-    k = max(1, cfg.optimizer_steps_per_rollout)
+    k = cfg.optimizer_steps_per_rollout
     if not finite:
         log.warning("non-finite rewards or advantages at rollout %d: update skipped, weights unchanged", r + 1)
-        run.counters["skipped_updates"] += k
-        updates = [UpdateStats(loss=math.nan, ratio_mean=math.nan, clipfrac=math.nan, approx_kl=math.nan,
-                               skipped=True) for _ in range(k)]
+        updates = [UpdateStats(skipped=True) for _ in range(k)]
     else:
         for e in run.policy.experts.values():
             e.train()
-        transitions = select_transitions(traj, seeds[mine], fraction=cfg.timestep_fraction, num_chunks=k)
+        transitions = select_transitions(traj, seeds[mine], fraction=cfg.timestep_fraction, num_chunks=k,
+                                         experts=tuple(run.policy.experts))
         uncond = neg.expand(len(cond), -1, -1)
         with _bar(len(transitions), "train", main=main) as bar:
             updates = policy_update(run.denoiser, run.policy, traj, adv.values[mine], keep[mine].float(),
-                                    transitions, cond, uncond, cfg=cfg, device=run.device, progress=bar.update,
-                                    image=image)
-        run.counters["skipped_updates"] += sum(u.skipped for u in updates)
+                                    transitions, cond, uncond, cfg=cfg, dist=run.dist, device=run.device,
+                                    progress=bar.update, image=image)
+    run.counters["skipped_updates"] += sum(u.skipped for u in updates)
     t3 = time.perf_counter()
 
     if main and cfg.sample_interval and (r + 1) % cfg.sample_interval == 0:
         path = run.save_dir / "samples" / f"step-{(r + 1) * k:06d}.mp4"
         write_mp4(path, videos[0].numpy(), fps=cfg.fps)
-        (run.save_dir / "samples" / "prompts.txt").open("a").write(f"{path.name}\t{prompts[0]}\n")
+        with (run.save_dir / "samples" / "prompts.txt").open("a", encoding="utf-8") as f:
+            f.write(f"{path.name}\t{prompts[0]}\n")
 
     base = {
         "rollout": r + 1,
@@ -201,8 +239,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             "approx_kl": u.approx_kl, "kl": u.kl,
             **{f"grad_norm_{name}": u.grad_norm[name] for name in EXPERT_NAMES},
             **{f"trained_steps_{name}": u.trained_steps[name] for name in EXPERT_NAMES},
-            "lr": run.policy.optimizer.param_groups[0]["lr"],
-            "lr_2": run.policy.optimizer.param_groups[-1]["lr"],
+            **{f"lr_{EXPERT_NAMES[e]}": u.lr.get(EXPERT_NAMES[e], math.nan) for e in run.policy.experts},
             "skipped_updates": run.counters["skipped_updates"],
             "dropped_groups": run.counters["dropped_groups"],
             "unscored_groups": run.counters["unscored_groups"],
@@ -226,10 +263,24 @@ def evaluate_policy(run: Run) -> dict:
 def setup(cfg: TrainConfig) -> Run:
     validate(cfg)
     seed_everything(cfg.seed)
-    from wan_grpo.runtime import resolve_device
+    save_dir = Path(cfg.save_dir)
+    if save_dir.exists() and not save_dir.is_dir():
+        raise UserError(f"--save_dir {save_dir} is a file; pass a folder (new or a run's own)")
+    prompts, images = load_prompt_records(cfg.prompts)
+    eval_prompts, eval_images = load_prompt_records(cfg.eval_prompts, flag="--eval_prompts") if cfg.eval_interval \
+        else ([], [])
+    cfg, model_info = resolve_config(cfg)
+    sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
+                            noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
+    check_schedule(cfg, model_info, sampler)
+    resume = resolve_resume(cfg.resume, save_dir)
+    if resume is not None:
+        check_resumable(resume, cfg)
 
     device = resolve_device(cfg.device)
-    info = init_distributed(device_type=device.type, need_group=cfg.dit_fsdp)
+    context_parallel.check_device(cfg.ulysses_size, world_size=int(os.environ.get("WORLD_SIZE", 1)),
+                                  device_type=device.type)
+    info = init_distributed(device_type=device.type, need_group=cfg.dit_fsdp, cp_size=cfg.ulysses_size)
     if info.world_size > 1 and not cfg.dit_fsdp:
         raise UserError(f"{info.world_size} processes need --dit_fsdp (gradients are synchronised by FSDP2)")
     if info.world_size > 1 and device.type == "cuda":
@@ -237,22 +288,12 @@ def setup(cfg: TrainConfig) -> Run:
     if not info.is_main:
         log.setLevel(logging.WARNING)
     total = cfg.batch_size * cfg.num_generations
-    context_parallel.check_device(cfg.ulysses_size, world_size=info.world_size, device_type=device.type)
-    info.cp_size = cfg.ulysses_size
     if total % info.dp_size:
         raise UserError(f"--batch_size x --num_generations = {total} samples do not split over {info.dp_size} "
                         "processes; make it a multiple of the process count")
-    if cfg.offload_model and (cfg.dit_fsdp or (cfg.kl_coef > 0 and cfg.lora_rank == 0)):
-        raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
-    if cfg.dit_fsdp and cfg.kl_coef > 0 and cfg.lora_rank == 0:
-        raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA (--lora_rank)")
     components, cfg, device, dtype = load_model(cfg)
     rewards = build_rewards(cfg, default="brightness" if cfg.task == "tiny" else "videoalign", device=device,
                             drop_failed=True)
-    prompts, images = load_prompt_records(cfg.prompts)
-    if cfg.eval_interval and not cfg.eval_prompts:
-        raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
-    eval_prompts, eval_images = load_prompt_records(cfg.eval_prompts) if cfg.eval_interval else ([], [])
     check_prompt_images(components, images, "--prompts")
     check_prompt_images(components, eval_images, "--eval_prompts")
     width, height = parse_size(cfg.size)
@@ -260,9 +301,6 @@ def setup(cfg: TrainConfig) -> Run:
     patch = components.any_transformer.config.patch_size
     context_parallel.check_model(cfg.ulysses_size, heads=components.any_transformer.config.num_attention_heads,
                                  tokens=shape_one[2] // patch[0] * (shape_one[3] // patch[1]) * (shape_one[4] // patch[2]))
-    sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
-                            noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
-    save_dir = Path(cfg.save_dir)
     if info.is_main:
         save_dir.mkdir(parents=True, exist_ok=True)
         (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
@@ -290,7 +328,8 @@ def setup(cfg: TrainConfig) -> Run:
                sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
                seed=cfg.seed), device=device, save_dir=save_dir,
                counters={"skipped_updates": 0, "dropped_groups": 0, "unscored_groups": 0},
-               dist=info, eval_prompts=eval_prompts, images=images, eval_images=eval_images)
+               dist=info, eval_prompts=eval_prompts, images=images, eval_images=eval_images,
+               resume=resume)
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -302,17 +341,16 @@ def train(cfg: TrainConfig) -> Path:
 
 def _loop(run: Run) -> Path:
     cfg, main = run.cfg, run.dist.is_main
-    k = max(1, cfg.optimizer_steps_per_rollout)
+    k = cfg.optimizer_steps_per_rollout
     start = 0
-    ckpt = resolve_resume(cfg.resume, run.save_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, run.policy)
+    if run.resume is not None:
+        state = load_checkpoint(run.resume, run.policy)
         start = state["rollout"]
         run.counters.update(state["counters"])
-        log.info("resumed from %s (step %d)", ckpt, state["step"])
+        log.info("resumed from %s (step %d)", run.resume, state["step"])
     total = cfg.num_epochs * run.order.steps_per_epoch
     if cfg.max_steps:
-        total = min(total, math.ceil(cfg.max_steps / k))
+        total = min(total, cfg.max_steps // k)  # validate() made max_steps a multiple of k
     metrics = MetricsWriter(run.save_dir, tensorboard=cfg.tensorboard, resume_step=start * k) if main else None
     log.info("GRPO on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d SDE steps (%s), "
              "%d process(es)", cfg.task, len(run.order.prompts), total, k, cfg.num_generations, cfg.sampling_steps,

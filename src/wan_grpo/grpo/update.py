@@ -1,8 +1,9 @@
 """The policy update: replay recorded transitions with the expert that produced them, PPO-clip.
 
 Each micro-batch holds transitions of ONE expert, so gradients reach only the expert that owns
-the step. Its loss (policy + KL) is summed into one backward. Losses are divided by the number
-of transitions in the optimizer step, so the gradient is their mean whatever the batching.
+the step. Its loss (policy + KL) is summed into one backward. Each expert's losses are divided by
+the number of its transitions in the optimizer step, so its gradient is their mean whatever the
+batching, and whatever the other expert does.
 """
 
 from __future__ import annotations
@@ -15,52 +16,71 @@ import torch
 
 from wan_grpo.grpo import replay
 from wan_grpo.grpo.loss import gaussian_kl, ppo_clip_loss
-from wan_grpo.models.denoiser import EXPERT_NAMES
-from wan_grpo.distributed import all_reduce_sum, world_size
+from wan_grpo.distributed import DistInfo, all_reduce_sum
+from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW
 from wan_grpo.sampling.rollout import Trajectory
 from wan_grpo.seeding import TIMESTEPS, stream
 
 log = logging.getLogger("wan_grpo")
 
 
+STATS = ("loss", "ratio", "clipfrac", "approx_kl", "kl", "non_finite")  # sums over weighted transitions
+
+
 @dataclass
 class UpdateStats:
-    loss: float = 0.0
-    ratio_mean: float = 0.0
-    clipfrac: float = 0.0
-    approx_kl: float = 0.0
-    kl: float = 0.0
+    """One optimizer step. Means are over the step's trained transitions of every rank; NaN when the
+    step was skipped for having nothing to train."""
+
+    loss: float = math.nan
+    ratio_mean: float = math.nan
+    clipfrac: float = math.nan
+    approx_kl: float = math.nan
+    kl: float = math.nan
     grad_norm: dict[str, float] = field(default_factory=lambda: {n: 0.0 for n in EXPERT_NAMES})
     trained_steps: dict[str, int] = field(default_factory=lambda: {n: 0 for n in EXPERT_NAMES})
+    lr: dict[str, float] = field(default_factory=dict)  # by trained expert: the rate this step used
     skipped: bool = False
 
 
-def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, num_chunks: int) -> torch.Tensor:
+def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, num_chunks: int,
+                       experts: tuple[int, ...] = (HIGH, LOW)) -> torch.Tensor:
     """(M, 3) long rows (sample, step, chunk) for every local sample.
 
-    Per sample and per expert, a random ``fraction`` of that expert's trainable steps (at least one),
-    drawn from the sample's own seeded stream, dealt round-robin into ``num_chunks`` optimizer
-    steps. Every sample gets the same number of steps per expert and per chunk, so ranks holding
-    equally many samples run equally many passes through each expert.
+    Per sample and per trained expert (``experts``), a random ``fraction`` of that expert's trainable
+    steps (at least one), drawn from the sample's own seeded stream; the chosen steps (high expert's
+    first) are dealt round-robin into ``num_chunks`` optimizer steps. Every sample gets the same
+    number of steps per expert and per chunk, so ranks holding equally many samples run equally many
+    passes through each expert. A frozen expert's steps are never selected.
     """
     rows = []
     for i, seed in enumerate(seeds):
         gen = stream(seed, TIMESTEPS)
-        for e in (0, 1):
+        chosen = []
+        for e in (HIGH, LOW):
             steps = torch.nonzero(traj.trainable & (traj.experts == e)).flatten()
             if len(steps) == 0:
                 continue
-            k = max(1, min(len(steps), round(fraction * len(steps))))
-            chosen = steps[torch.randperm(len(steps), generator=gen)[:k]]
-            chunk = torch.arange(k) % num_chunks
-            rows.append(torch.stack([torch.full_like(chosen, i), chosen, chunk], dim=1))
+            k = transitions_per_sample(len(steps), fraction)
+            picked = steps[torch.randperm(len(steps), generator=gen)[:k]]  # drawn for both: same stream
+            if e in experts:
+                chosen.append(picked)
+        if chosen:
+            steps = torch.cat(chosen)
+            chunk = torch.arange(len(steps)) % num_chunks
+            rows.append(torch.stack([torch.full_like(steps, i), steps, chunk], dim=1))
     return torch.cat(rows) if rows else torch.zeros(0, 3, dtype=torch.long)
+
+
+def transitions_per_sample(trainable_steps: int, fraction: float) -> int:
+    """How many of an expert's ``trainable_steps`` one update replays per sample (0 when it has none)."""
+    return 0 if trainable_steps == 0 else max(1, min(trainable_steps, round(fraction * trainable_steps)))
 
 
 def _micro_batches(rows: torch.Tensor, experts: torch.Tensor, size: int):
     """Split rows (sample, step, ...) into micro-batches of one expert each, in (expert, step, sample) order."""
     owner = experts[rows[:, 1]]
-    for e in (0, 1):
+    for e in (HIGH, LOW):
         mine = rows[owner == e]
         mine = mine[torch.argsort(mine[:, 1] * 1_000_000 + mine[:, 0])]
         for start in range(0, len(mine), size):
@@ -78,6 +98,7 @@ def policy_update(
     uncond: torch.Tensor | None,  # (N, L, D)
     *,
     cfg,
+    dist: DistInfo,
     device: torch.device,
     progress=None,
     image=None,  # ImageCondition with N rows (image-conditioned models), or None
@@ -86,27 +107,31 @@ def policy_update(
 
     ``weights`` (N_local,) is 1 for trained samples and 0 for those best-of-n or zero-variance
     groups left out; weight-0 samples are still replayed when several ranks train (equal passes).
-    Each step's loss is the mean over the weighted transitions of ALL ranks; FSDP averages
-    gradients over ranks, so each rank scales its sum by world_size / global count.
+    Each expert's loss is the mean over ITS weighted transitions of all ranks, so an expert's
+    gradient does not depend on how many steps the other expert owns or whether it trains; the
+    objective is the sum of the two. FSDP averages gradients over ranks, so each rank scales its
+    sums by world_size / that expert's global count. A step with no weighted transition is skipped
+    (no optimizer or LR-schedule step) and reported as such.
     """
-    k = max(1, cfg.optimizer_steps_per_rollout)
-    world = world_size()
-    cp = max(1, getattr(cfg, "ulysses_size", 1))  # ranks per context-parallel group
+    world, cp = dist.world_size, dist.cp_size  # CP peers hold the same samples: counts are divided by cp
     if world == 1:
         transitions = transitions[weights[transitions[:, 0]] > 0]
     results = []
-    for j in range(k):
+    for j in range(cfg.optimizer_steps_per_rollout):
         chunk = transitions[transitions[:, 2] == j]
         stats = UpdateStats()
         policy.optimizer.zero_grad(set_to_none=True)
-        local_count = weights[chunk[:, 0]].sum() if len(chunk) else torch.zeros(())
-        global_count = float(all_reduce_sum(local_count.float().reshape(1))) / cp
-        scale = world / max(global_count, 1.0)
-        # loss, ratio, clipfrac, approx_kl, kl, non-finite micro-batches, steps trained (high, low)
-        sums = torch.zeros(8, dtype=torch.float64)
-        for expert, rows in _micro_batches(chunk, traj.experts, max(1, cfg.train_batch_size)):
-            if expert not in policy.experts:
-                continue  # this expert is frozen: its steps carry no trainable parameters
+        owner = traj.experts[chunk[:, 1]]
+        local = torch.stack([weights[chunk[:, 0]][owner == e].double().sum() for e in (HIGH, LOW)])
+        counts = all_reduce_sum(local) / cp  # one collective for both experts' global counts
+        for e, name in enumerate(EXPERT_NAMES):
+            stats.trained_steps[name] = int(round(float(counts[e])))
+        if float(counts.sum()) == 0:  # nothing to train (all groups dropped): every rank agrees
+            stats.skipped = True
+            results.append(stats)
+            continue
+        sums = dict.fromkeys(STATS, 0.0)
+        for expert, rows in _micro_batches(chunk, traj.experts, cfg.train_batch_size):
             s, t = rows[:, 0], rows[:, 1]
             unc = None if uncond is None else uncond[s.to(uncond.device)]
             img = None if image is None else image[s.to(image.latents.device)]
@@ -122,31 +147,33 @@ def policy_update(
                     ref = replay.replay_transitions(ref_denoiser, traj, s, t, cond[s.to(cond.device)], unc,
                                                     expert=expert, device=device, image=img)
                 kl = gaussian_kl(out.mean, ref.mean, out.std, None if img is None else img.generated)
+            scale = world / max(float(counts[expert]), 1.0)  # 0 only when every w here is 0
             loss = (w * (per_transition + cfg.kl_coef * kl)).sum() * scale
             bad = not torch.isfinite(loss)
             if bad:  # keep going: every rank must run the same passes
                 loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0
             loss.backward()
-            sums[:6] += torch.tensor([float(loss.detach()) / world, float((w * st["ratio"]).sum()),
-                                      float((w * st["clipfrac"]).sum()), float((w * st["approx_kl"]).sum()),
-                                      float((w * kl.detach()).sum()), float(bad)], dtype=torch.float64)
-            sums[6 + expert] += float(w.sum())
+            for key, value in (("loss", loss.detach() / world), ("ratio", (w * st["ratio"]).sum()),
+                               ("clipfrac", (w * st["clipfrac"]).sum()), ("approx_kl", (w * st["approx_kl"]).sum()),
+                               ("kl", (w * kl.detach()).sum()), ("non_finite", bad)):
+                sums[key] += float(value)
             if progress is not None:
                 progress(len(rows))
-        sums = all_reduce_sum(sums) / cp  # one collective for every statistic; CP peers hold the same samples
-        finite = bool(sums[5] == 0)
-        for idx, name in enumerate(EXPERT_NAMES):
-            stats.trained_steps[name] = int(sums[6 + idx])
-        n = max(1.0, global_count)
-        stats.loss = float(sums[0])
-        stats.ratio_mean, stats.clipfrac = float(sums[1]) / n, float(sums[2]) / n
-        stats.approx_kl, stats.kl = float(sums[3]) / n, float(sums[4]) / n
+        # one collective for every statistic; CP peers hold the same samples
+        reduced = all_reduce_sum(torch.tensor([sums[k] for k in STATS], dtype=torch.float64)) / cp
+        sums = dict(zip(STATS, reduced.tolist()))
+        n = float(counts.sum())
+        stats.loss = sums["loss"]
+        stats.ratio_mean, stats.clipfrac = sums["ratio"] / n, sums["clipfrac"] / n
+        stats.approx_kl, stats.kl = sums["approx_kl"] / n, sums["kl"] / n
+        finite = sums["non_finite"] == 0
         for idx, params in policy.params.items():
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
             stats.grad_norm[EXPERT_NAMES[idx]] = float(norm)
             finite = finite and bool(torch.isfinite(norm))
+        stats.lr = {group["name"]: group["lr"] for group in policy.optimizer.param_groups}
         if not finite:
             log.warning("non-finite loss or gradient: optimizer step skipped, weights unchanged")
             policy.optimizer.zero_grad(set_to_none=True)

@@ -31,6 +31,11 @@ class WanComponents:
         return {k: v for k, v in named.items() if v is not None}
 
     @property
+    def presence(self) -> tuple[bool, bool]:
+        """Which expert slots (transformer, transformer_2) hold a model."""
+        return self.transformer is not None, self.transformer_2 is not None
+
+    @property
     def any_transformer(self) -> WanTransformer3DModel:
         return self.transformer if self.transformer is not None else self.transformer_2
 

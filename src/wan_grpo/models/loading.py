@@ -4,6 +4,7 @@ original Wan-AI release layout (see ``wan_grpo.models.original``)."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,6 +64,53 @@ def inspect_checkpoint(ckpt_dir: str | Path) -> dict:
     return index
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What settings are checked against, read from a checkpoint's config files (no weights)."""
+
+    task: str  # the preset it most likely belongs to
+    has_high: bool  # transformer (or the dense model)
+    has_low: bool  # transformer_2
+    boundary_ratio: float | None
+    expand_timesteps: bool
+    in_channels: int
+    z_dim: int
+    default_shift: float  # the scheduler config's (original layout: the official) shift
+    num_train_timesteps: int = 1000
+
+
+def checkpoint_info(ckpt_dir: str | Path) -> ModelInfo:
+    """``ModelInfo`` of either layout, validating it as ``inspect_checkpoint`` does."""
+    from wan_grpo.presets import infer_task
+
+    root = Path(ckpt_dir)
+    index = inspect_checkpoint(root)
+    if index.get("_layout") == "original":
+        from wan_grpo.models.original import OFFICIAL, _expert_config
+
+        first = _expert_config(Path(next(iter(index["experts"].values()))))
+        return ModelInfo(task=infer_task(index), has_high="high" in index["experts"],
+                         has_low="low" in index["experts"], boundary_ratio=index["boundary_ratio"],
+                         expand_timesteps=index["expand_timesteps"], in_channels=int(first["in_dim"]),
+                         z_dim=int(first["out_dim"]), default_shift=OFFICIAL[index["model_type"]]["shift"])
+    present = {sub: index.get(sub, [None, None])[0] is not None and (root / sub / "config.json").is_file()
+               for sub in (HIGH_NOISE_DIR, LOW_NOISE_DIR)}
+    expert_cfg = _read_json(root / (HIGH_NOISE_DIR if present[HIGH_NOISE_DIR] else LOW_NOISE_DIR) / "config.json")
+    scheduler_path = root / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else {}
+    return ModelInfo(task=infer_task(index), has_high=present[HIGH_NOISE_DIR], has_low=present[LOW_NOISE_DIR],
+                     boundary_ratio=index.get("boundary_ratio"), expand_timesteps=bool(index.get("expand_timesteps")),
+                     in_channels=int(expert_cfg["in_channels"]),
+                     z_dim=int(_read_json(root / "vae" / "config.json").get("z_dim", 16)),
+                     default_shift=scheduler_shift(scheduler),
+                     num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)))
+
+
+def scheduler_shift(scheduler_config: dict) -> float:
+    """UniPC configs carry flow_shift, FlowMatchEuler configs carry shift."""
+    return float(scheduler_config.get("flow_shift", scheduler_config.get("shift", 5.0)))
+
+
 def load_components(
     ckpt_dir: str | Path,
     *,
@@ -91,8 +139,7 @@ def load_components(
 
     scheduler_path = root / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else {}
-    # UniPC configs carry flow_shift, FlowMatchEuler configs carry shift.
-    default_shift = float(scheduler_config.get("flow_shift", scheduler_config.get("shift", 5.0)))
+    default_shift = scheduler_shift(scheduler_config)
 
     components = WanComponents(
         transformer=expert(HIGH_NOISE_DIR),

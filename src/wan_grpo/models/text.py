@@ -122,7 +122,8 @@ class EmbeddingDiskCache:
         except Exception as exc:  # a damaged entry is recomputed (and rewritten) rather than fatal
             log.warning("ignoring unreadable embedding cache entry %s (%s)", path, exc)
             return None
-        if e.ndim != 2 or not 0 < e.shape[0] <= self.max_sequence_length:
+        # 0 rows is valid: a tokenizer that adds no end token gives an empty prompt no tokens at all
+        if e.ndim != 2 or not 0 <= e.shape[0] <= self.max_sequence_length:
             log.warning("ignoring embedding cache entry %s of shape %s", path, tuple(e.shape))
             return None
         return torch.cat([e, e.new_zeros(self.max_sequence_length - e.shape[0], e.shape[1])])

@@ -17,8 +17,6 @@ TINY_TEXT_DIM = 32
 TINY_BOUNDARY_RATIO = 0.875
 TINY_SHIFT = 5.0
 
-# Sizes that decode in well under a second on CPU; divisible by the VAE stride x patch (16).
-TINY_DEFAULTS = {"size": "64*64", "frame_num": 5, "sampling_steps": 8, "fps": 8}
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -111,6 +109,14 @@ def build_tiny_components(seed: int = 0, *, two_experts: bool = True, variant: s
         default_shift=TINY_SHIFT,
         source="tiny",
     )
+
+
+def tiny_info():
+    """The built-in tiny model's ModelInfo (what ``resolve_config`` checks settings against)."""
+    from wan_grpo.models.loading import ModelInfo
+
+    return ModelInfo(task="tiny", has_high=True, has_low=True, boundary_ratio=TINY_BOUNDARY_RATIO,
+                     expand_timesteps=False, in_channels=16, z_dim=16, default_shift=TINY_SHIFT)
 
 
 def save_tiny_pipeline(path, seed: int = 0, *, boundary_ratio: float = TINY_BOUNDARY_RATIO) -> None:

@@ -23,9 +23,9 @@ class RewardConfig:
                                   "inference_config (DanceGRPO trains on normalised).")
     reward_device: str | None = opt(None, "Device of the reward model (default: the training device; bf16 on "
                                           "CUDA, fp32 on CPU).")
-    reward_batch_size: int = opt(4, "Videos per reward-model forward pass.")
+    reward_batch_size: int = opt(4, "Videos per reward-model forward pass.", ge=1)
     reward_url: str | None = opt(None, "Score with a running 'wan-grpo reward-server' at this URL instead of "
                                        "in-process (--reward then names nothing to load here).")
-    reward_timeout: float = opt(600.0, "Seconds to wait for one reward-server request.")
+    reward_timeout: float = opt(600.0, "Seconds to wait for one reward-server request.", gt=0)
     reward_retries: int = opt(3, "Attempts per reward-server request; after the last, the groups of that "
-                                 "batch are dropped from the update (counted in metrics).")
+                                 "batch are dropped from the update (counted in metrics).", ge=1)

@@ -14,7 +14,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from wan_grpo.errors import UserError
 from wan_grpo.sampling.schedule import SOLVERS, flow_match_schedule, sde_window_mask, unipc_scheduler
-from wan_grpo.sampling.sde import SDE_KINDS, gaussian_log_prob, sde_step
+from wan_grpo.sampling.sde import SDE_KINDS, gaussian_log_prob, sde_mean_std, sde_step
 from wan_grpo.seeding import INITIAL_NOISE, SDE_NOISE, stream
 
 
@@ -40,6 +40,33 @@ class SamplerConfig:
                 raise UserError(
                     f"--sde_window {start}:{end} must satisfy 0 <= start < end <= --sampling_steps ({self.steps})"
                 )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every step of a rollout does, known before any model runs."""
+
+    sigmas: torch.Tensor  # (T+1,)
+    timesteps: torch.Tensor  # (T,)
+    experts: torch.Tensor  # (T,) long: the expert slot that runs each step
+    stochastic: torch.Tensor  # (T,) bool: an SDE step with std > 0, so recorded with a density and trainable
+
+
+def plan_steps(config: SamplerConfig, expert_index) -> StepPlan:
+    """``expert_index(t) -> slot`` is ``MoEDenoiser.expert_index`` or ``models.denoiser.route`` bound to a
+    checkpoint's facts. Steps outside ``config.sde_window``, every step of ``euler``, and steps whose
+    std is 0 (noise_level 0, cps into sigma 0) are deterministic."""
+    schedule = flow_match_schedule(config.steps, shift=config.shift)
+    sigmas, timesteps = schedule.sigmas, schedule.timesteps
+    stochastic = sde_window_mask(config.steps, config.sde_window) & (config.solver == "sde")
+    if config.solver == "sde":
+        s, s_next = sigmas[:-1].double(), sigmas[1:].double()
+        zero = torch.zeros_like(s)
+        _, std = sde_mean_std(zero, zero, s, s_next, kind=config.sde_type, noise_level=config.noise_level,
+                              sigma_max=float(sigmas[1]) if len(sigmas) > 1 else None)
+        stochastic &= std.expand_as(s) > 0
+    experts = torch.tensor([expert_index(float(t)) for t in timesteps], dtype=torch.long)
+    return StepPlan(sigmas=sigmas, timesteps=timesteps, experts=experts, stochastic=stochastic)
 
 
 @dataclass
@@ -141,12 +168,8 @@ def rollout(
     """
     if config.solver == "unipc":
         raise ValueError("UniPC has no transition density; use sample_unipc for plain sampling")
-    schedule = flow_match_schedule(config.steps, shift=config.shift)
-    sigmas, timesteps = schedule.sigmas, schedule.timesteps
-    stochastic = sde_window_mask(config.steps, config.sde_window) & (config.solver == "sde")
-    if config.noise_level == 0:
-        stochastic[:] = False
-    experts = torch.tensor([denoiser.expert_index(float(t)) for t in timesteps], dtype=torch.long)
+    plan = plan_steps(config, denoiser.expert_index)
+    sigmas, timesteps, experts, stochastic = plan.sigmas, plan.timesteps, plan.experts, plan.stochastic
     storage_device = torch.device(storage_device) if storage_device is not None else noise.device
 
     latents = noise.float()
@@ -157,7 +180,6 @@ def rollout(
         latents = latents.to(storage_dtype).float()
     stored = [latents.to(storage_device, storage_dtype)] if record else None
     log_probs = []
-    trainable = torch.zeros(config.steps, dtype=torch.bool)
     for i in range(config.steps):
         v = denoiser.predict_velocity(latents, float(timesteps[i]), prompt_embeds, negative_embeds,
                                       expert=int(experts[i]), image=image)
@@ -165,7 +187,6 @@ def rollout(
         out = sde_step(v, latents, float(sigmas[i]), float(sigmas[i + 1]), kind=kind,
                        noise_level=config.noise_level, generator=generator, sigma_max=float(sigmas[1]), mask=mask)
         next_latents, log_prob = out.next_latents, out.log_prob
-        trainable[i] = bool((out.std > 0).all())
         if image is not None:  # the kept frame is never sampled (and is outside the log-prob's mask)
             next_latents = image.keep_generated(next_latents)
         if record and storage_dtype != next_latents.dtype:
@@ -183,7 +204,7 @@ def rollout(
         sigmas=sigmas,
         timesteps=timesteps,
         experts=experts,
-        trainable=trainable,
+        trainable=stochastic.clone(),
         sde_type=config.sde_type,
         noise_level=config.noise_level,
     )
