@@ -1,0 +1,151 @@
+"""The ``shapes`` reward: check a decoded video against its Shapes prompt, GenEval-style.
+
+Every pixel is labelled with its nearest palette colour (background included), or none when it is
+farther than ``MAX_DISTANCE`` from all of them. Per frame and per colour the object is the largest
+4-connected region of that colour with at least ``MIN_AREA`` pixels. Components, each in [0, 1]:
+
+- ``colour``: fraction of frames whose set of present colours is exactly the prompt's;
+- ``shape``: fraction of frames where each prompt object is present with the prompt's shape,
+  classified by how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5);
+- ``motion`` (level 1): 1 when the object's centroid moved at least ``MIN_MOTION`` px from its
+  first to its last present frame, mostly along the prompt's direction; else 0;
+- ``relation`` (level 2): fraction of frames where both objects are present and the first is
+  above / below / left of / right of the second: at least ``MIN_SEPARATION`` px apart along that
+  axis, and farther apart along it than across it;
+- ``accuracy``: 1 when every attribute holds: colour, shape (and relation) together in at least
+  half the frames, and motion for level 1. The trained component by default.
+
+A component that does not apply to the prompt's level (motion for level 2, relation for level 1)
+is NaN: it is logged as a mean over the prompts it applies to and never enters the advantages.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wan_grpo.tasks.shapes.world import BACKGROUND, COLOURS, Scene, parse
+
+PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # index 0: background
+COLOUR_INDEX = {name: i + 1 for i, name in enumerate(COLOURS)}
+MAX_DISTANCE = 90.0  # RGB distance to the nearest palette colour; farther pixels belong to none
+MIN_AREA = 30  # pixels: a 12 px triangle has 72
+MIN_MOTION = 8.0  # px; the renderer moves objects 16-28 px
+MIN_SEPARATION = 4.0  # px along the relation's axis; the renderer places centres 24-35 px apart
+# bounding-box fill above which a blob is a square / a circle: renders fill 1.0 / 0.78-0.81 / 0.5-0.55,
+# the Shapes VAE's reconstructions 0.90-1.0 / 0.78-0.86 / 0.50-0.58 (5th-95th percentiles)
+SQUARE_FILL, CIRCLE_FILL = 0.88, 0.68
+COMPONENTS = ("colour", "shape", "motion", "relation", "accuracy")
+
+
+@dataclass(frozen=True)
+class Blob:
+    area: int
+    top: int
+    left: int
+    bottom: int  # inclusive
+    right: int
+    cy: float
+    cx: float
+
+    @property
+    def shape(self) -> str:
+        fill = self.area / ((self.bottom - self.top + 1) * (self.right - self.left + 1))
+        return "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+
+
+def label_pixels(video: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) uint8 -> (F, H, W) int8: palette index of each pixel, -1 when none is close."""
+    x = video.astype(np.float32)[..., None, :]  # (F, H, W, 1, 3)
+    dist = np.sqrt(((x - PALETTE) ** 2).sum(-1))  # (F, H, W, P)
+    labels = dist.argmin(-1).astype(np.int8)
+    labels[dist.min(-1) > MAX_DISTANCE] = -1
+    return labels
+
+
+def largest_blob(mask: np.ndarray) -> Blob | None:
+    """The largest 4-connected region of a (H, W) bool mask, if it has at least MIN_AREA pixels."""
+    if mask.sum() < MIN_AREA:
+        return None
+    seen = np.zeros_like(mask)
+    best: list[tuple[int, int]] = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        region, queue = [], deque([(y0, x0)])
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(region) > len(best):
+            best = region
+    if len(best) < MIN_AREA:
+        return None
+    ys, xs = np.array(best).T
+    return Blob(area=len(best), top=int(ys.min()), left=int(xs.min()), bottom=int(ys.max()), right=int(xs.max()),
+                cy=float(ys.mean()), cx=float(xs.mean()))
+
+
+def _relation_holds(rel: str, a: Blob, b: Blob) -> bool:
+    vertical = rel in ("above", "below")
+    along = (b.cy - a.cy) if vertical else (b.cx - a.cx)  # > 0: A has the smaller coordinate
+    across = (b.cx - a.cx) if vertical else (b.cy - a.cy)
+    if rel in ("below", "right of"):
+        along = -along
+    return along >= MIN_SEPARATION and along > abs(across)
+
+
+def _motion_holds(direction: str, track: list[Blob]) -> bool:
+    if len(track) < 2:
+        return False
+    dy, dx = track[-1].cy - track[0].cy, track[-1].cx - track[0].cx
+    along = {"left": -dx, "right": dx, "up": -dy, "down": dy}[direction]
+    across = dy if direction in ("left", "right") else dx
+    return along >= MIN_MOTION and along > abs(across)
+
+
+def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
+    """Every component of one (F, H, W, 3) uint8 video for one parsed prompt."""
+    labels = label_pixels(video)
+    wanted = {COLOUR_INDEX[o.colour] for o in scene.objects}
+    colour, shape, relation, together = [], [], [], []
+    track = []
+    for frame in labels:
+        present = {c for c in range(1, len(PALETTE)) if (frame == c).sum() >= MIN_AREA}
+        blobs = [largest_blob(frame == COLOUR_INDEX[o.colour]) for o in scene.objects]
+        colour_ok = present == wanted and all(b is not None for b in blobs)
+        shape_ok = all(b is not None and b.shape == o.shape for b, o in zip(blobs, scene.objects))
+        rel_ok = scene.level == 1 or (None not in blobs and _relation_holds(scene.relation, *blobs))
+        colour.append(colour_ok)
+        shape.append(shape_ok)
+        relation.append(rel_ok)
+        together.append(colour_ok and shape_ok and rel_ok)
+        if blobs[0] is not None:
+            track.append(blobs[0])
+    motion = float(_motion_holds(scene.direction, track)) if scene.level == 1 else float("nan")
+    accurate = float(np.mean(together)) >= 0.5 and (scene.level == 2 or motion == 1.0)
+    return {"colour": float(np.mean(colour)), "shape": float(np.mean(shape)), "motion": motion,
+            "relation": float(np.mean(relation)) if scene.level == 2 else float("nan"),
+            "accuracy": float(accurate)}
+
+
+class ShapesReward:
+    """``--reward shapes``: the verifier as a reward; prompts outside the grammar are an error."""
+
+    name = "shapes"
+    components = COMPONENTS
+    coefs = {"accuracy": 1.0, "colour": 0.0, "shape": 0.0, "motion": 0.0, "relation": 0.0}
+
+    def __call__(self, videos: list[torch.Tensor], prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        scenes = [parse(p) for p in prompts]
+        rows = [score_video(np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v), s)
+                for v, s in zip(videos, scenes)]
+        return {c: torch.tensor([r[c] for r in rows], dtype=torch.float32) for c in COMPONENTS}

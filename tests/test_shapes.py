@@ -1,0 +1,134 @@
+"""The Shapes world: renderer, grammar, splits and the verifier reward."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from wan_grpo.errors import UserError
+from wan_grpo.tasks.shapes import splits
+from wan_grpo.tasks.shapes.verifier import ShapesReward, score_video
+from wan_grpo.tasks.shapes.world import (
+    BACKGROUND,
+    COLOURS,
+    DIRECTIONS,
+    FRAMES,
+    RELATIONS,
+    SHAPES,
+    SIZE,
+    Obj,
+    all_scenes,
+    parse,
+    render,
+)
+
+
+def test_renderer_draws_what_the_prompt_says_deterministically():
+    scene = parse("a yellow triangle moving down")
+    video = render(scene, 7)
+    assert video.shape == (FRAMES, SIZE, SIZE, 3) and video.dtype == np.uint8
+    assert np.array_equal(video, render(scene, 7)) and not np.array_equal(video, render(scene, 8))
+    colours = {tuple(c) for c in video.reshape(-1, 3)}
+    assert colours == {BACKGROUND, COLOURS["yellow"]}
+    ys = [np.argwhere((f == COLOURS["yellow"]).all(-1))[:, 0].mean() for f in video]
+    assert ys[-1] - ys[0] >= 16 and all(b >= a for a, b in zip(ys, ys[1:]))  # moves down >= 16 px
+    rows, cols = np.nonzero((video[0] == COLOURS["yellow"]).all(-1))
+    assert 12 <= rows.max() - rows.min() + 1 <= 20 and 12 <= cols.max() - cols.min() + 1 <= 20
+
+
+def test_level_two_relation_holds_in_every_frame():
+    video = render(parse("a blue circle left of a red square"), 3)
+    for frame in video:
+        blue = np.argwhere((frame == COLOURS["blue"]).all(-1)).mean(0)
+        red = np.argwhere((frame == COLOURS["red"]).all(-1)).mean(0)
+        assert red[1] - blue[1] >= 20 and abs(red[0] - blue[0]) <= 7
+    assert np.array_equal(video[0], video[-1])  # still objects
+
+
+def test_grammar_counts_and_round_trip():
+    assert len(all_scenes(1)) == 72 and len(all_scenes(2)) == 1080
+    for scene in all_scenes(1)[:5] + all_scenes(2)[::97]:
+        assert parse(scene.prompt()) == scene
+    assert parse("  A Red   Circle moving LEFT ") == parse("a red circle moving left")
+
+
+@pytest.mark.parametrize("bad", ["a red circle", "a pink circle moving left", "a red circle above a red square",
+                                 "two red circles", "a red circle moving diagonally"])
+def test_prompts_outside_the_grammar_are_one_line_errors(bad):
+    with pytest.raises(UserError) as err:
+        parse(bad)
+    message = str(err.value)
+    assert "\n" not in message and "is not a Shapes prompt" in message and "COLOUR SHAPE moving DIRECTION" in message
+
+
+def test_shipped_splits_are_the_generated_ones_and_cover_every_attribute():
+    for level in (1, 2):
+        made = splits.make_splits(level)
+        sizes = {k: len(v) for k, v in made.items()}
+        total = len(all_scenes(level))
+        assert sum(sizes.values()) == total
+        assert abs(sizes["train"] / total - 0.7) < 0.02 and abs(sizes["heldout"] / total - 0.2) < 0.02
+        for name in splits.SPLITS:
+            assert splits.load_split(level, name) == made[name]
+        assert not set(made["train"]) & (set(made["val"]) | set(made["heldout"]))
+        assert not set(made["val"]) & set(made["heldout"])
+        words = " ".join(made["train"])
+        for value in (*COLOURS, *SHAPES, *(DIRECTIONS if level == 1 else RELATIONS)):
+            assert value in words
+
+
+def _sample_scenes(level, n, seed=0):
+    scenes = all_scenes(level)
+    return [scenes[i] for i in np.random.default_rng(seed).choice(len(scenes), n, replace=False)]
+
+
+def test_verifier_accepts_the_renderers_own_videos():
+    accuracies = []
+    for level, n in ((1, 72), (2, 120)):
+        for i, scene in enumerate(_sample_scenes(level, n)):
+            accuracies.append(score_video(render(scene, 1000 + i), scene)["accuracy"])
+    assert np.mean(accuracies) >= 0.98  # measured 1.0
+
+
+def test_changing_one_attribute_of_the_caption_zeroes_that_component():
+    worst = {"colour": 0.0, "shape": 0.0, "motion": 0.0, "relation": 0.0}
+    for level in (1, 2):
+        for i, scene in enumerate(_sample_scenes(level, 24, seed=level)):
+            video = render(scene, i)
+            objs = list(scene.objects)
+            variants = []
+            for k, o in enumerate(objs):
+                used = {p.colour for p in objs}
+                variants += [("colour", objs[:k] + [Obj(c, o.shape)] + objs[k + 1:]) for c in COLOURS if c not in used]
+                variants += [("shape", objs[:k] + [Obj(o.colour, s)] + objs[k + 1:]) for s in SHAPES if s != o.shape]
+            for component, new in variants:
+                changed = score_video(video, dataclasses.replace(scene, objects=tuple(new)))
+                worst[component] = max(worst[component], changed[component])
+            if level == 1:
+                for d in DIRECTIONS:
+                    if d != scene.direction:
+                        changed = score_video(video, dataclasses.replace(scene, direction=d))
+                        worst["motion"] = max(worst["motion"], changed["motion"])
+            else:
+                for r in RELATIONS:
+                    if r != scene.relation:
+                        changed = score_video(video, dataclasses.replace(scene, relation=r))
+                        worst["relation"] = max(worst["relation"], changed["relation"])
+    assert all(v <= 0.05 for v in worst.values()), worst  # measured 0 each
+
+
+def test_reward_components_and_coefficients():
+    reward = ShapesReward()
+    prompts = ["a red circle moving left", "a green square above a blue triangle"]
+    videos = [torch.from_numpy(render(parse(p), 0)) for p in prompts]
+    out = reward(videos, prompts, fps=8)
+    assert set(out) == {"colour", "shape", "motion", "relation", "accuracy"}
+    assert out["accuracy"].tolist() == [1.0, 1.0]
+    assert out["motion"][0] == 1 and torch.isnan(out["motion"][1])  # motion does not apply to level 2
+    assert torch.isnan(out["relation"][0]) and out["relation"][1] == 1
+    assert reward.coefs["accuracy"] == 1 and all(v == 0 for k, v in reward.coefs.items() if k != "accuracy")
+    blank = torch.full_like(videos[0], 30)
+    assert reward([blank], prompts[:1], fps=8)["accuracy"].item() == 0
+    with pytest.raises(UserError):
+        reward(videos[:1], ["a cat walking in snow"], fps=8)
