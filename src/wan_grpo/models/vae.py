@@ -1,4 +1,4 @@
-"""Latents -> uint8 frames with the Wan VAE, normalised exactly as WanPipeline decodes them."""
+"""Latents <-> uint8 frames with the Wan VAE, normalised exactly as WanPipeline decodes them."""
 
 from __future__ import annotations
 
@@ -25,3 +25,17 @@ def decode_latents(vae, latents: torch.Tensor, *, micro_batch: int = 1) -> torch
         video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         videos.append(video.permute(0, 2, 3, 4, 1).cpu())
     return torch.cat(videos)
+
+
+@torch.no_grad()
+def encode_videos(vae, videos: torch.Tensor, *, micro_batch: int = 4) -> torch.Tensor:
+    """(B, F, H, W, 3) uint8 frames -> (B, z, F', H', W') float32 latents on CPU, normalised with the
+    VAE config's latents_mean/std (the inverse of ``decode_latents``), from the posterior's mode."""
+    device = next(vae.parameters()).device
+    mean, std = latent_stats(vae, device=device, dtype=torch.float32)
+    out = []
+    for chunk in videos.split(max(1, micro_batch)):
+        x = chunk.permute(0, 4, 1, 2, 3).to(device, torch.float32) / 127.5 - 1.0  # (b, 3, F, H, W) in [-1, 1]
+        z = vae.encode(x.to(vae.dtype), return_dict=False)[0].mode().float()
+        out.append(((z - mean) / std).cpu())
+    return torch.cat(out)

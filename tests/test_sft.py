@@ -1,0 +1,143 @@
+"""`wan-grpo sft`: flow-matching loss and timestep density, expert routing, learning, LoRA export, resume."""
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from pipelines import pipeline_latents, tiny_pipeline
+from safetensors.torch import load_file
+
+from wan_grpo.cli import main
+from wan_grpo.grpo.metrics import read_metrics
+from wan_grpo.sft.loss import flow_matching_loss, noised, sample_timesteps, shift_sigma, unshift_sigma
+from wan_grpo.video import write_mp4
+
+TINY = ["--task", "tiny", "--size", "64*64", "--frame_num", "9", "--tensorboard", "false", "--log_interval", "0"]
+SHAPES = [*TINY, "--dataset", "shapes:1", "--videos_per_prompt", "1", "--batch_size", "8", "--train_batch_size", "4"]
+TIMING = {"step_seconds"}
+
+
+def sft(tmp_path, name, *args):
+    save_dir = tmp_path / name
+    assert main(["sft", "--save_dir", str(save_dir), *args]) == 0
+    return save_dir, [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(save_dir)]
+
+
+def test_timestep_density_matches_the_schedule_shift():
+    # shifting uniform sigmas is what FlowMatchEulerDiscreteScheduler does to its schedule
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    scheduler.set_timesteps(10)
+    # diffusers spaces the unshifted sigmas evenly from 1 down to its (already shifted) sigma_min
+    u = torch.linspace(1.0, float(shift_sigma(torch.tensor(0.001, dtype=torch.float64), 5.0)), 10,
+                       dtype=torch.float64)
+    torch.testing.assert_close(shift_sigma(u, 5.0).float(), scheduler.sigmas[:-1].float(), rtol=1e-5, atol=1e-6)
+    assert unshift_sigma(float(shift_sigma(torch.tensor(0.3, dtype=torch.float64), 5.0)), 5.0) == pytest.approx(0.3)
+    # the empirical CDF of the draws is the shifted density's: P(t < x) = unshift(x)
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    t = sample_timesteps(gens, shift=5.0).double()
+    for x in (0.3, 0.6, 0.875):
+        assert float((t < x).double().mean()) == pytest.approx(unshift_sigma(x, 5.0), abs=0.03)
+    high = sample_timesteps(gens[:500], shift=5.0, lo=0.875, hi=1.0)
+    assert bool((high >= 0.875).all() and (high < 1.0).all())
+
+
+def test_flow_matching_loss_against_a_float64_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 1, 2, 2, generator=g), torch.randn(3, 2, 1, 2, 2, generator=g)
+    t = torch.tensor([0.1, 0.5, 0.9])
+    x_t = noised(x0, noise, t)
+    assert torch.allclose(x_t[1], 0.5 * x0[1] + 0.5 * noise[1])
+    v = torch.randn(3, 2, 1, 2, 2, generator=g)
+    want = [sum(float(v[b].double().flatten()[i] - (noise[b] - x0[b]).double().flatten()[i]) ** 2
+                for i in range(8)) / 8 for b in range(3)]
+    assert flow_matching_loss(v, x0, noise).tolist() == pytest.approx(want, rel=1e-6)
+    assert flow_matching_loss(noise - x0, x0, noise).abs().max() == 0  # the exact velocity costs nothing
+
+
+def test_loss_falls_on_shapes(tmp_path):
+    _, rows = sft(tmp_path, "fall", *SHAPES, "--max_steps", "30", "--lora_rank", "0", "--learning_rate", "2e-3")
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.85 * first, (first, last)
+    assert all(r["samples_high"] + r["samples_low"] == 8 for r in rows)
+
+
+@pytest.mark.parametrize("lo,hi,moved", [(0.9, 1.0, "transformer"), (0.0, 0.8, "transformer_2")])
+def test_a_sample_trains_only_the_expert_that_owns_its_noise_level(tiny_components, lo, hi, moved):
+    import copy
+
+    from wan_grpo.grpo.policy import build_policy
+    from wan_grpo.models.denoiser import MoEDenoiser
+    from wan_grpo.sft.config import SFTConfig
+    from wan_grpo.sft.trainer import sft_step
+
+    c = copy.deepcopy(tiny_components)
+    cfg = SFTConfig(task="tiny", lora_rank=0, learning_rate=1e-3, sample_shift=5.0, caption_dropout=0.0)
+    policy = build_policy(c, cfg, device=torch.device("cpu"))
+    before = {n: {k: v.clone() for k, v in getattr(c, n).state_dict().items()} for n in ("transformer", "transformer_2")}
+    denoiser = MoEDenoiser(c, guidance_scale=1.0)
+    x0 = torch.randn(4, 16, 1, 4, 4)
+
+    class Cache:
+        def get(self, prompts):
+            return torch.randn(len(prompts), 512, 32, generator=torch.Generator().manual_seed(1))
+
+    out = sft_step(denoiser, policy, x0, ["a", "b", "c", "d"], Cache(), Cache().get([""]), cfg=cfg, step=0, lo=lo,
+                   hi=hi, device=torch.device("cpu"))
+    other = "transformer_2" if moved == "transformer" else "transformer"
+    name, other_name = ("high", "low") if moved == "transformer" else ("low", "high")
+    assert out[f"samples_{name}"] == 4 and out[f"samples_{other_name}"] == 0
+    assert out[f"grad_norm_{name}"] > 0 and out[f"grad_norm_{other_name}"] == 0
+    changed = lambda n: any(not torch.equal(v, before[n][k]) for k, v in getattr(c, n).state_dict().items())  # noqa
+    assert changed(moved) and not changed(other)
+
+
+def test_lora_loads_into_wan_pipeline_for_both_experts(tmp_path, tiny_ckpt):
+    # a folder of mp4s with a captions.txt, trained on the two-expert diffusers folder
+    data = tmp_path / "videos"
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        write_mp4(data / f"clip{i}.mp4", torch.randint(0, 255, (5, 48, 64, 3), generator=g, dtype=torch.uint8).numpy(),
+                  fps=8)
+    (data / "captions.txt").write_text("a red kite\na blue boat\na green hill\na white cloud\n")
+    save_dir, rows = sft(tmp_path, "lora", "--ckpt_dir", str(tiny_ckpt), "--dataset", str(data), "--size", "64*48",
+                         "--frame_num", "5", "--lora_rank", "4", "--learning_rate", "5e-2", "--max_steps", "3",
+                         "--batch_size", "4", "--tensorboard", "false", "--sample_shift", "5")
+    assert len(rows) == 3
+    ckpt = save_dir / "checkpoint-3"
+
+    def run(pipe):
+        return pipeline_latents(pipe, "a red kite", steps=6)
+
+    pipe = tiny_pipeline(tiny_ckpt)
+    base = run(pipe)
+    pipe.load_lora_weights(ckpt / "transformer", adapter_name="high")
+    pipe.load_lora_weights(ckpt / "transformer_2", adapter_name="low", load_into_transformer_2=True)
+    both = run(pipe)
+    assert "high" in pipe.transformer.peft_config and "low" in pipe.transformer_2.peft_config
+    assert (both - base).abs().max() > 1e-4
+    lora = load_file(ckpt / "transformer_2" / "pytorch_lora_weights.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_resume_is_exact(tmp_path, mode):
+    args = [*SHAPES, *(["--lora_rank", "4", "--learning_rate", "1e-2"] if mode == "lora" else
+                       ["--lora_rank", "0", "--learning_rate", "1e-3"])]
+    _, straight = sft(tmp_path, "straight", *args, "--max_steps", "4")
+    sft(tmp_path, "part", *args, "--max_steps", "2")
+    part_dir, resumed = sft(tmp_path, "part", *args, "--max_steps", "4", "--resume", "auto")
+    assert resumed == straight
+    name = "pytorch_lora_weights.safetensors" if mode == "lora" else "diffusion_pytorch_model.safetensors"
+    for sub in ("transformer", "transformer_2"):
+        a = load_file(tmp_path / "straight" / "checkpoint-4" / sub / name)
+        b = load_file(part_dir / "checkpoint-4" / sub / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_sft_input(tmp_path, capsys):
+    for args, needle in [([], "--dataset is required"),
+                         (["--dataset", str(tmp_path / "none")], "is not a folder"),
+                         (["--dataset", "shapes:3"], "use shapes, shapes:1 or shapes:2"),
+                         (["--dataset", "shapes", "--caption_dropout", "1.5"], "--caption_dropout 1.5: must be")]:
+        assert main(["sft", *TINY, "--save_dir", str(tmp_path / "x"), *args]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and needle in err[0], err
