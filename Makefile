@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_CPU ?= torch==2.13.0
 DEMO_DIR  ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean shapes-base
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Rebuild the shipped Shapes base model (src/wan_grpo/tasks/shapes/base/): deterministic, ~20 min on 2 cores.
+shapes-base: $(STAMP)
+	$(PY) -m wan_grpo.tasks.shapes.build
 
 clean:
 	rm -rf $(VENV) runs

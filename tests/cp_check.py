@@ -4,7 +4,6 @@ Checks that each rank's feed-forward layers see 1/K of the tokens, that the outp
 single-process forward, and that FSDP's averaged gradients times K equal the single-process ones.
 """
 
-import os
 
 import torch
 import torch.distributed as dist

@@ -9,15 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from wan_grpo.cli import main
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.metrics import read_metrics
-from wan_grpo.rewards import RewardSet, build_rewards, parse_reward_spec
-from wan_grpo.rewards.builtin import brightness
+from wan_grpo.rewards import build_rewards, parse_reward_spec
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.rewards.remote import RemoteReward, RewardServerError, decode_batch, encode_batch
 from wan_grpo.rewards.videoalign.tiny import save_tiny_videoreward

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+from pipelines import pipeline_latents, tiny_pipeline
 from safetensors.torch import load_file
 
 from wan_grpo.cli import main
@@ -111,13 +111,9 @@ def test_lora_loads_into_diffusers_pipeline(tmp_path, tiny_ckpt):
     ckpt = save_dir / "checkpoint-2"
 
     def run(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(prompt="A cat walking in snow", height=48, width=64, num_frames=5, num_inference_steps=8,
-                    guidance_scale=4.0, guidance_scale_2=3.0, output_type="latent",
-                    generator=torch.Generator("cpu").manual_seed(0)).frames
+        return pipeline_latents(pipe, "A cat walking in snow")
 
-    pipe = WanPipeline.from_pretrained(tiny_ckpt)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    pipe = tiny_pipeline(tiny_ckpt)
     base = run(pipe)
     pipe.load_lora_weights(ckpt / "transformer", adapter_name="high")
     high_only = run(pipe)

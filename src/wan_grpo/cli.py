@@ -1,4 +1,4 @@
-"""Command line: ``wan-grpo sample | train | eval | plan | score | reward-server | convert | report``."""
+"""Command line: ``wan-grpo sample | train | sft | eval | plan | score | reward-server | convert | report``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 
 from wan_grpo.config import add_config_arguments, build_config
 from wan_grpo.errors import UserError
+from wan_grpo.grpo.preemption import PREEMPTED_EXIT, Preempted
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,6 +25,8 @@ COMMANDS = {
                "Generate one video (unipc, euler or sde solver)."),
     "train": ("wan_grpo.grpo.config:TrainConfig", "wan_grpo.grpo.trainer:train",
               "GRPO training of one or both Wan2.2 experts (the main job)."),
+    "sft": ("wan_grpo.sft.config:SFTConfig", "wan_grpo.sft.trainer:run_sft",
+            "Supervised flow-matching fine-tuning of one or both experts on captioned videos."),
     "eval": ("wan_grpo.evaluate:EvalConfig", "wan_grpo.evaluate:run_eval",
              "Sample a prompt set deterministically and score every video."),
     "plan": ("wan_grpo.plan:PlanConfig", "wan_grpo.plan:run_plan",
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, (config_cls, _, text) in COMMANDS.items():
         command = sub.add_parser(name, help=text, description=text)
-        if name == "train":
+        if name in ("train", "sft"):
             command.add_argument("--config", help="YAML file whose keys are these flags' names (flags override it).")
         add_config_arguments(command, _load(config_cls))
     report = sub.add_parser("report", help="Plots and an HTML page for a train run.",
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"wan-grpo: error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"wan-grpo: {exc}", file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0
 
 

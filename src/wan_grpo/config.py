@@ -18,7 +18,6 @@ import yaml
 
 from wan_grpo.errors import UserError
 
-
 BOUNDS = {"gt": (">", lambda v, b: v > b), "ge": (">=", lambda v, b: v >= b),
           "lt": ("<", lambda v, b: v < b), "le": ("<=", lambda v, b: v <= b)}
 
@@ -68,13 +67,14 @@ def check_ranges(config) -> None:
                 raise UserError(f"--{f.name} {_num(value)}: must be {range_text(f)}")
 
 
-TASKS = ("tiny", "t2v-A14B", "i2v-A14B", "ti2v-5B")
+TASKS = ("tiny", "shapes", "t2v-A14B", "i2v-A14B", "ti2v-5B")
 
 
 @dataclass
 class ModelConfig:
-    task: str | None = opt(None, "Model preset: tiny, t2v-A14B, i2v-A14B or ti2v-5B. Default: tiny without "
-                                 "--ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
+    task: str | None = opt(None, "Model preset: tiny (random weights, for tests), shapes (the small pretrained "
+                                 "Shapes model shipped with wan-grpo), t2v-A14B, i2v-A14B or ti2v-5B. Default: tiny "
+                                 "without --ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
     ckpt_dir: str | None = opt(None, "Wan2.2 checkpoint folder: diffusers layout (model_index.json) or the "
                                      "original Wan-AI layout (auto-detected).")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")

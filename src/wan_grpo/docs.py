@@ -24,18 +24,22 @@ def flag_tables() -> str:
     from wan_grpo.config import ModelConfig, SampleConfig
     from wan_grpo.convert import ConvertConfig
     from wan_grpo.evaluate import EvalConfig
-    from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.grpo.config import PolicyConfig, TrainConfig
     from wan_grpo.plan import PlanConfig
     from wan_grpo.rewards.config import RewardConfig
     from wan_grpo.score import ScoreConfig
     from wan_grpo.serve import ServerConfig
+    from wan_grpo.sft.config import SFTConfig
 
     shared = {f.name for f in dataclasses.fields(ModelConfig)}
     rewards = {f.name for f in dataclasses.fields(RewardConfig)}
+    policy = {f.name for f in dataclasses.fields(PolicyConfig)}
     out = ["### Model and sampling (sample, train, eval)", "", *_table(ModelConfig), "",
            "### Rewards (train, eval, score, reward-server)", "", *_table(RewardConfig), "",
            "### `sample` only", "", *_table(SampleConfig, skip=shared), "",
-           "### `train` only", "", *_table(TrainConfig, skip=shared | rewards), "",
+           "### Training and checkpoints (train, sft)", "", *_table(PolicyConfig, skip=shared), "",
+           "### `train` only", "", *_table(TrainConfig, skip=shared | rewards | policy), "",
+           "### `sft` only", "", *_table(SFTConfig, skip=policy - {"save_dir"}), "",
            "### `eval` only", "", *_table(EvalConfig, skip=shared | rewards), "",
            "### `plan` only (it reads --task, --size and --frame_num of the shared flags)", "",
            *_table(PlanConfig, skip=shared), "",

@@ -21,16 +21,16 @@ from diffusers import WanTransformer3DModel
 from wan_grpo.config import ModelConfig, opt, parse_size
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.data import load_prompt_records
-from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
-from wan_grpo.models.denoiser import MoEDenoiser
+from wan_grpo.models.denoiser import EXPERT_DIRS, MoEDenoiser
 from wan_grpo.models.vae import decode_latents
+from wan_grpo.presets import default_reward
 from wan_grpo.rewards import build_rewards
 from wan_grpo.rewards.config import RewardConfig
-from wan_grpo.runtime import encode_all, load_model, place
+from wan_grpo.runtime import encode_all, load_model, place, resolve_device
+from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
-from wan_grpo.video import write_mp4
 from wan_grpo.seeding import seed_everything
-from wan_grpo.models.denoiser import EXPERT_DIRS
+from wan_grpo.video import write_mp4
 
 log = logging.getLogger("wan_grpo")
 
@@ -79,8 +79,12 @@ def stderr(values: list[float]) -> float:
 
 
 def summarize(rows: list[dict], components: list[str]) -> dict:
-    return {c: {"mean": float(np.mean([r[c] for r in rows])), "stderr": stderr([r[c] for r in rows]),
-                "n": len(rows)} for c in components}
+    """Mean, standard error and count of each component over the videos it applies to (NaN: not)."""
+    out = {}
+    for c in components:
+        values = [r[c] for r in rows if r[c] is not None and math.isfinite(r[c])]
+        out[c] = {"mean": float(np.mean(values)) if values else math.nan, "stderr": stderr(values), "n": len(values)}
+    return out
 
 
 @torch.no_grad()
@@ -111,29 +115,34 @@ def generate_and_score(components, denoiser, cache, rewards, prompts: list[str],
             if video_dir is not None:
                 path = write_mp4(video_dir / f"p{i:03d}_s{k:02d}.mp4", video.numpy(), fps=cfg.fps)
                 row["video"] = str(path.relative_to(video_dir.parent))
-            row.update({c: float(v[0]) for c, v in rewards([video], [prompt], fps=cfg.fps).items()})
+            scores = rewards([video], [prompt], fps=cfg.fps)
+            row.update({c: float(v[0]) if math.isfinite(float(v[0])) else None for c, v in scores.items()})
             rows.append(row)
     return rows
 
 
 def run_eval(cfg: EvalConfig) -> Path:
-    seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
-    if cfg.num_samples < 1:
-        raise UserError("--num_samples must be >= 1")
-    components, cfg, device, dtype = load_model(cfg)
-    rewards = build_rewards(cfg, default="brightness" if cfg.task == "tiny" else "videoalign", device=device)
+    # every input is checked before the model loads
+    out = Path(cfg.save_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--save_dir {out} is a file; pass a folder")
     prompts, images = load_prompt_records(cfg.prompts)
+    base = json.loads(_eval_json(cfg.compare_to).read_text()) if cfg.compare_to else None
+    if cfg.lora and not Path(cfg.lora).is_dir():
+        raise UserError(f"--lora {cfg.lora} does not exist; pass a checkpoint-<step> folder of a train run")
+    if cfg.lora and not (Path(cfg.lora) / "training_state.pt").is_file():
+        raise UserError(f"--lora {cfg.lora} is not a train checkpoint (no training_state.pt); pass checkpoint-<step>")
+    resolve_device(cfg.device)
+    seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
+    components, cfg, device, dtype = load_model(cfg)
+    rewards = build_rewards(cfg, default=default_reward(cfg.task), device=device)
     check_prompt_images(components, images, "--prompts")
-    base = None
-    if cfg.compare_to:
-        base = json.loads(_eval_json(cfg.compare_to).read_text())
     if cfg.lora:
         log.info("applied %s from %s", ", ".join(apply_checkpoint(components, cfg.lora)), cfg.lora)
     cache = encode_all(components, prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
-    out = Path(cfg.save_dir)
     rows = generate_and_score(components, denoiser, cache, rewards, prompts, cfg, solver=cfg.eval_solver,
                               num_samples=cfg.num_samples, device=device, video_dir=out / "videos", images=images)
     names = list(rewards.coefs)
@@ -159,11 +168,29 @@ def _eval_json(folder: str | Path) -> Path:
     return path
 
 
-def compare(base: dict, trained: dict, out: Path, *, base_dir: Path, fps: int) -> dict:
-    """Paired per-video deltas per component, a markdown table, and a side-by-side mp4 per prompt."""
+COMPARABLE = ("size", "frame_num", "sampling_steps", "sample_shift", "guidance_scale", "guidance_scale_2",
+              "negative_prompt", "eval_solver")
+
+
+def check_comparable(base: dict, trained: dict) -> None:
+    """One-line error when two evals cannot be paired video by video."""
+    for key in COMPARABLE:
+        a, b = base["config"].get(key), trained["config"].get(key)
+        if a != b:
+            raise UserError(f"--compare_to was sampled with {key} {a!r}, this eval with {b!r}; rerun one of them with "
+                            "the same settings")
+    if not set(trained["components"]) & set(base["components"]):
+        raise UserError(f"--compare_to scored {', '.join(base['components'])}, this eval "
+                        f"{', '.join(trained['components'])}; use the same --reward")
+
+
+def compare(base: dict, trained: dict, out: Path, *, base_dir: Path, fps: int, grid_rows: int = 4) -> dict:
+    """Paired per-video deltas per component (videos matched by prompt text and seed), a markdown
+    table, a side-by-side mp4 per prompt and ``compare/grid.mp4`` (base | trained, a row per prompt)."""
     from wan_grpo.video import read_mp4
 
-    key = lambda r: (r["prompt_index"], r["seed"])  # noqa: E731
+    check_comparable(base, trained)
+    key = lambda r: (r["prompt"], r["seed"])  # noqa: E731
     base_rows = {key(r): r for r in base["videos"]}
     pairs = [(base_rows[key(r)], r) for r in trained["videos"] if key(r) in base_rows]
     if not pairs:
@@ -172,23 +199,31 @@ def compare(base: dict, trained: dict, out: Path, *, base_dir: Path, fps: int) -
     for c in trained["components"]:
         if c not in base["components"]:
             continue
-        deltas = [t[c] - b[c] for b, t in pairs]
-        table[c] = {"base": float(np.mean([b[c] for b, _ in pairs])),
-                    "trained": float(np.mean([t[c] for _, t in pairs])),
-                    "delta": float(np.mean(deltas)), "delta_stderr": stderr(deltas), "n": len(pairs)}
-    lines = ["| component | base | trained | delta | stderr | n |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c} | {v['base']:.4f} | {v['trained']:.4f} | {v['delta']:+.4f} | {v['delta_stderr']:.4f} | "
-              f"{v['n']} |" for c, v in table.items()]
+        both = [(b[c], t[c]) for b, t in pairs if b.get(c) is not None and t.get(c) is not None]
+        if not both:
+            continue
+        deltas = [t - b for b, t in both]
+        table[c] = {"base": float(np.mean([b for b, _ in both])), "base_stderr": stderr([b for b, _ in both]),
+                    "trained": float(np.mean([t for _, t in both])), "trained_stderr": stderr([t for _, t in both]),
+                    "delta": float(np.mean(deltas)), "delta_stderr": stderr(deltas), "n": len(both)}
+    lines = ["| component | base | trained | delta (paired) | n |", "|---|---|---|---|---|"]
+    lines += [f"| {c} | {v['base']:.4f} +- {v['base_stderr']:.4f} | {v['trained']:.4f} +- {v['trained_stderr']:.4f} | "
+              f"{v['delta']:+.4f} +- {v['delta_stderr']:.4f} | {v['n']} |" for c, v in table.items()]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     (out / "compare.json").write_text(json.dumps(table, indent=2))
     print("\n".join(lines))
-    seen = set()
+    seen, rows = set(), []
     for b, t in pairs:
-        if b["prompt_index"] in seen or "video" not in b or "video" not in t:
+        if b["prompt"] in seen or "video" not in b or "video" not in t:
             continue
-        seen.add(b["prompt_index"])
+        seen.add(b["prompt"])
         left, right = read_mp4(base_dir / b["video"]), read_mp4(out / t["video"])
         n = min(len(left), len(right))
-        write_mp4(out / "compare" / f"prompt_{b['prompt_index']:03d}.mp4",
-                  np.concatenate([left[:n], right[:n]], axis=2), fps=fps)
+        side = np.concatenate([left[:n], right[:n]], axis=2)
+        write_mp4(out / "compare" / f"prompt_{t['prompt_index']:03d}.mp4", side, fps=fps)
+        if len(rows) < grid_rows:
+            rows.append(side)
+    if rows:
+        n = min(len(r) for r in rows)
+        write_mp4(out / "compare" / "grid.mp4", np.concatenate([r[:n] for r in rows], axis=1), fps=fps)
     return table

@@ -15,11 +15,13 @@ Terms per process (bytes; N = processes sharding with --dit_fsdp, else 1):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from wan_grpo.config import ModelConfig, opt, parse_size
+from wan_grpo.config import ModelConfig, check_ranges, opt, parse_size
 from wan_grpo.errors import UserError
+from wan_grpo.grpo.policy import lora_targets, train_expert_indices
 from wan_grpo.presets import PRESETS
 
 GIB = 2**30
@@ -37,58 +39,93 @@ VAE_STRIDE = {"t2v-A14B": (4, 8, 8), "i2v-A14B": (4, 8, 8), "ti2v-5B": (4, 16, 1
 class PlanConfig(ModelConfig):
     lora_rank: int = opt(32, "LoRA rank (0: full fine-tuning).", ge=0)
     lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2", "LoRA target modules.")
-    train_experts: str = opt("high,low", "Experts trained: high, low or both.")
+    train_experts: str = opt("high,low", "Experts trained: high, low, both (or high,low).")
     nproc: int = opt(1, "Processes sharding the experts with FSDP2 (--dit_fsdp); 1: no sharding.", ge=1)
     train_batch_size: int = opt(4, "Transitions per forward/backward micro-batch.", ge=1)
 
 
-def count_parameters(task: str, *, lora_rank: int, targets: list[str]) -> tuple[int, int]:
-    """(parameters of one expert, LoRA parameters of one expert) for the official architecture."""
+def official_config(task: str) -> dict:
+    arch = ARCH[task]
+    return dict(patch_size=(1, 2, 2), out_channels=arch["in_channels"] if task == "ti2v-5B" else 16, text_dim=4096,
+                freq_dim=256, **arch)
+
+
+def count_parameters(config: dict, *, lora_rank: int, targets: list[str]) -> tuple[int, int]:
+    """(parameters of one expert, LoRA parameters of one expert) of a WanTransformer3DModel config."""
     from diffusers import WanTransformer3DModel
 
-    arch = ARCH[task]
     with torch.device("meta"):
-        model = WanTransformer3DModel(patch_size=(1, 2, 2), out_channels=arch["in_channels"] if task == "ti2v-5B"
-                                      else 16, text_dim=4096, freq_dim=256, **arch)
+        model = WanTransformer3DModel(**config)
         base = sum(p.numel() for p in model.parameters())
         lora = 0
         if lora_rank > 0:
             from peft import LoraConfig
 
-            model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets))
+            try:
+                model.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets))
+            except ValueError as exc:  # peft: no module matches a target
+                raise UserError(f"--lora_target_modules {','.join(targets)!r}: {str(exc).splitlines()[0]}; name "
+                                "Linear layers of WanTransformer3DModel, e.g. to_q,to_k,to_v,to_out.0") from None
             lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return base, lora
 
 
+def checkpoint_architecture(ckpt_dir: str) -> tuple[str, dict, int]:
+    """(task, expert config, experts) of a checkpoint folder, read from its config files only."""
+    from diffusers import WanTransformer3DModel
+
+    from wan_grpo.models.loading import HIGH_NOISE_DIR, LOW_NOISE_DIR, checkpoint_info
+
+    info = checkpoint_info(ckpt_dir)
+    experts = int(info.has_high) + int(info.has_low)
+    root = Path(ckpt_dir)
+    sub = next((d for d in (HIGH_NOISE_DIR, LOW_NOISE_DIR) if (root / d / "config.json").is_file()), None)
+    if (root / "model_index.json").is_file() and sub is not None:
+        config = {k: v for k, v in WanTransformer3DModel.load_config(str(root / sub)).items() if not k.startswith("_")}
+        return info.task, config, experts
+    if info.task not in ARCH:
+        raise UserError(f"--ckpt_dir {ckpt_dir}: plan knows the architectures of {', '.join(ARCH)}")
+    return info.task, official_config(info.task), experts
+
+
 def estimate(cfg: PlanConfig) -> dict:
-    task = cfg.task or "t2v-A14B"
-    if task not in ARCH:
-        raise UserError(f"--task {task}: plan knows {', '.join(ARCH)}")
-    if cfg.nproc < 1:
-        raise UserError("--nproc must be >= 1")
+    check_ranges(cfg)
+    if cfg.ckpt_dir:
+        task, config, n_experts = checkpoint_architecture(cfg.ckpt_dir)
+        if cfg.task is not None and cfg.task != task:
+            raise UserError(f"--task {cfg.task} does not match --ckpt_dir {cfg.ckpt_dir} (a {task}); drop --task")
+    else:
+        task = cfg.task or "t2v-A14B"
+        if task not in ARCH:
+            raise UserError(f"--task {task}: plan knows {', '.join(ARCH)} (or pass --ckpt_dir)")
+        config, n_experts = official_config(task), EXPERTS[task]
     preset = PRESETS[task]
-    width, height = parse_size(cfg.size or preset.size)
-    frames = cfg.frame_num or preset.frame_num
-    trained = [e for e in cfg.train_experts.split(",") if e.strip()]
-    n_trained = min(len(trained), EXPERTS[task])
-    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
-    per_expert, lora = count_parameters(task, lora_rank=cfg.lora_rank, targets=targets)
+    width, height = parse_size(preset.size if cfg.size is None else cfg.size)
+    frames = preset.frame_num if cfg.frame_num is None else cfg.frame_num
+    n_trained = len(train_expert_indices(cfg.train_experts, (True, n_experts == 2)))
+    targets = lora_targets(cfg.lora_target_modules)
+    ts, hs, ws = (VAE_STRIDE[task] if task in VAE_STRIDE else (1, 8, 8))
+    patch = config.get("patch_size", (1, 2, 2))
+    if width < 1 or height < 1 or width % (ws * patch[2]) or height % (hs * patch[1]):
+        raise UserError(f"--size {width}*{height} is not divisible by the VAE stride times patch size "
+                        f"({ws * patch[2]}*{hs * patch[1]}); use e.g. {preset.size}")
+    if (frames - 1) % ts:
+        raise UserError(f"--frame_num {frames} is not {ts}k+1; use e.g. {(frames - 1) // ts * ts + 1}")
+    per_expert, lora = count_parameters(config, lora_rank=cfg.lora_rank, targets=targets)
     n = cfg.nproc
     full = cfg.lora_rank == 0
-    frozen_experts = EXPERTS[task] - (n_trained if full else 0)
+    frozen_experts = n_experts - (n_trained if full else 0)
     terms = {
         "frozen_weights": frozen_experts * per_expert * 2 / n,
         "trained_weights_and_grads": (n_trained * per_expert * (4 + 4) / n) if full else 0.0,
         "optimizer": n_trained * (per_expert if full else lora) * 8 / n,
         "lora_weights_and_grads": 0.0 if full else n_trained * lora * (4 + 4) / n,
     }
-    ts, hs, ws = VAE_STRIDE[task]
-    arch = ARCH[task]
-    dim = arch["num_attention_heads"] * arch["attention_head_dim"]
-    seq = ((frames - 1) // ts + 1) * (height // hs // 2) * (width // ws // 2)
+    dim = config["num_attention_heads"] * config["attention_head_dim"]
+    seq = ((frames - 1) // ts + 1) * (height // hs // patch[1]) * (width // ws // patch[2])
     tokens = 2 * cfg.train_batch_size * seq  # CFG doubles the batch
-    per_block_working = tokens * (12 * dim + 2 * arch["ffn_dim"]) * 2
-    terms["activations_estimate"] = arch["num_layers"] * tokens * dim * 2 + per_block_working
+    per_block_working = tokens * (12 * dim + 2 * config["ffn_dim"]) * 2
+    terms["activations_estimate"] = config["num_layers"] * tokens * dim * 2 + per_block_working
     return {"task": task, "size": f"{width}*{height}", "frames": frames, "tokens_per_sample": seq,
             "params_per_expert": per_expert, "lora_params_per_expert": lora, "experts_trained": n_trained,
             "nproc": n, "lora_rank": cfg.lora_rank, "bytes": terms, "total_bytes": sum(terms.values())}

@@ -57,16 +57,20 @@ def write_report(save_dir: str | Path) -> Path:
             _plot(rows, chosen, title, out / f"{name}.png")
             images.append((title, out / f"{name}.png"))
     last = rows[-1]
-    n = min(10, max(1, len(rows) // 2))
-    first_mean = sum(r["reward_mean"] for r in rows[:n] if r.get("reward_mean") is not None) / n
-    last_mean = sum(r["reward_mean"] for r in rows[-n:] if r.get("reward_mean") is not None) / n
+    rewards = [r["reward_mean"] for r in rows if isinstance(r.get("reward_mean"), (int, float))]
+    if len(rewards) >= 2:
+        n = min(10, len(rewards) // 2)  # means over rows that have a reward (skipped steps log null)
+        first_mean, last_mean = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+        summary = (f"Mean reward, first {n} scored steps {first_mean:.4f}, last {n} scored steps {last_mean:.4f} "
+                   f"({last_mean - first_mean:+.4f}).")
+    else:
+        summary = f"{len(rewards)} step(s) with a reward: too few to compare first and last."
     samples = sorted((save_dir / "samples").glob("*.mp4")) if (save_dir / "samples").is_dir() else []
     parts = [
         "<!doctype html><meta charset='utf-8'><title>wan-grpo report</title>",
         "<style>body{font-family:sans-serif;max-width:960px;margin:2em auto}td,th{padding:2px 8px}</style>",
         f"<h1>wan-grpo run: {html.escape(str(save_dir))}</h1>",
-        f"<p>{len(rows)} optimizer steps. Mean reward, first {n} steps {first_mean:.4f}, last {n} steps "
-        f"{last_mean:.4f} ({last_mean - first_mean:+.4f}).</p>",
+        f"<p>{len(rows)} optimizer steps. {summary}</p>",
         "<h2>Last step</h2><table>",
         *[f"<tr><th align=left>{html.escape(k)}</th><td>{html.escape(json.dumps(v))}</td></tr>"
           for k, v in last.items()],

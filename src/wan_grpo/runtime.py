@@ -17,12 +17,20 @@ log = logging.getLogger("wan_grpo")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, flag: str = "--device") -> torch.device:
+    """auto, cpu, cuda or cuda:N; anything else, or CUDA on a machine without it, is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"{flag} {name!r}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for CUDA but none is available; use --device cpu")
+        raise UserError(f"{flag} {name} asked for CUDA but none is available; use {flag} cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -67,6 +75,12 @@ def resolve_config(cfg):
     from wan_grpo.models.tiny import tiny_info
 
     task = cfg.task
+    if cfg.ckpt_dir is None and task == "shapes":  # the Shapes model ships inside the package
+        from wan_grpo.tasks.shapes import BASE_DIR
+
+        if not (BASE_DIR / "model_index.json").is_file():
+            raise UserError(f"the Shapes base model is missing from {BASE_DIR}; build it with 'make shapes-base'")
+        cfg = dataclasses.replace(cfg, ckpt_dir=str(BASE_DIR))
     if cfg.ckpt_dir is None:
         if task not in (None, "tiny"):
             raise UserError(f"--task {task} needs --ckpt_dir pointing at its checkpoint (diffusers or original layout)")
@@ -119,7 +133,7 @@ def load_model(cfg, *, load_text_encoder: bool = True):
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    filled, _ = resolve_config(cfg)
+    cfg, _ = resolve_config(cfg)
     if cfg.ckpt_dir is None:
         components = build_tiny_components(0)  # the model is fixed; --seed drives sampling
         for expert in components.experts.values():
@@ -134,7 +148,7 @@ def load_model(cfg, *, load_text_encoder: bool = True):
         components.vae.enable_tiling()
     if cfg.vae_slicing:
         components.vae.enable_slicing()
-    return components, filled, device, dtype
+    return components, cfg, device, dtype
 
 
 def place(components, device: torch.device, *, offload_experts: bool = False) -> None:
@@ -177,7 +191,7 @@ def encode_all(components, prompts: list[str], negative_prompt: str, *, device, 
 
     setup = components.text_setup or TextSetup()
     encoder_device = text_encoder_device(device, setup.t5_cpu)
-    cache = PromptEmbeddingCache(device=device, dtype=dtype)
+    cache = PromptEmbeddingCache(device=device, dtype=dtype, max_sequence_length=components.text_len)
     wanted = list(prompts) + [negative_prompt]
     disk = None
     if setup.embedding_cache is not None:

@@ -8,15 +8,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from wan_grpo.config import SampleConfig, parse_size
-from wan_grpo.errors import UserError
+from wan_grpo.config import SampleConfig, check_ranges, parse_size
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.runtime import describe_split, encode_all, load_model, place
+from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_device
 from wan_grpo.sampling.conditioning import check_image, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
-from wan_grpo.video import write_mp4
 from wan_grpo.seeding import seed_everything
+from wan_grpo.video import check_image_file, check_output_file, write_mp4
 
 log = logging.getLogger("wan_grpo")
 
@@ -28,8 +27,6 @@ def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor
     check_image(components, cfg.image is not None)
     image = None
     if cfg.image is not None:
-        if not Path(cfg.image).is_file():
-            raise UserError(f"--image {cfg.image} does not exist")
         image = encode_images(components, [cfg.image], width=width, height=height, frame_num=cfg.frame_num,
                               device=device)
     sampler = SamplerConfig(solver=cfg.sample_solver, steps=cfg.sampling_steps, shift=cfg.sample_shift,
@@ -49,6 +46,13 @@ def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor
 
 
 def run_sample(cfg: SampleConfig) -> Path:
+    check_ranges(cfg)
+    check_output_file(cfg.output, "--output")
+    if cfg.save_latents:
+        check_output_file(cfg.save_latents, "--save_latents")
+    if cfg.image is not None:
+        check_image_file(cfg.image, "--image")
+    resolve_device(cfg.device)
     seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
     components, cfg, device, dtype = load_model(cfg)
     log.info("sampling %s with %s: %s, %d frames, %d %s steps, shift %.1f, guidance %.1f/%.1f",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from wan_grpo.errors import UserError
 from wan_grpo.rewards import build_rewards
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import resolve_device
-from wan_grpo.video import read_video
+from wan_grpo.video import mp4_files, read_video, video_caption_pairs
 
 log = logging.getLogger("wan_grpo")
 
@@ -25,8 +26,9 @@ class ScoreConfig(RewardConfig):
     video: str | None = opt(None, "One mp4 to score (with --prompt); prints one JSON line.")
     prompt: str | None = opt(None, "The text prompt of --video.")
     videos: str | None = opt(None, "A folder of mp4s to score (with --prompts); writes a CSV.")
-    prompts: str | None = opt(None, "For --videos: a .txt with one prompt per video in file-name order, or a "
-                                    ".jsonl with 'video' (file name) and 'prompt' fields.")
+    prompts: str | None = opt(None, "For --videos: a .txt with one prompt per video in file-name order (hidden "
+                                    "files left out), or a .jsonl/.csv with 'video' (path relative to --videos) and "
+                                    "'prompt' fields.")
     output: str | None = opt(None, "CSV path for --videos (default: VIDEOS/scores.csv).")
     device: str = opt("auto", "Device of the reward model when --reward_device is unset: auto, cpu, cuda[:N].")
 
@@ -35,52 +37,55 @@ def _pairs(cfg: ScoreConfig) -> list[tuple[Path, str]]:
     if cfg.video:
         if cfg.videos or cfg.prompt is None:
             raise UserError("--video needs --prompt (and no --videos); or score a folder with --videos and --prompts")
+        if not Path(cfg.video).is_file():
+            raise UserError(f"--video {cfg.video} does not exist")
         return [(Path(cfg.video), cfg.prompt)]
     if not cfg.videos or not cfg.prompts:
         raise UserError("pass --video FILE.mp4 --prompt TEXT, or --videos DIR --prompts FILE")
-    folder, prompt_file = Path(cfg.videos), Path(cfg.prompts)
-    if not folder.is_dir():
-        raise UserError(f"--videos {folder} is not a folder of mp4 files")
-    if not prompt_file.is_file():
-        raise UserError(f"--prompts {prompt_file} does not exist")
-    files = sorted(folder.glob("*.mp4"))
-    if prompt_file.suffix == ".jsonl":
-        pairs = []
-        for n, line in enumerate(prompt_file.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    pairs.append((folder / row["video"], row["prompt"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{prompt_file}:{n} needs a JSON object with 'video' and 'prompt'") from None
-        return pairs
-    prompts = [p.strip() for p in prompt_file.read_text().splitlines() if p.strip()]
-    if len(prompts) != len(files):
-        raise UserError(f"{folder} has {len(files)} mp4 files but {prompt_file} has {len(prompts)} prompts; give one "
-                        "prompt per video in file-name order, or a .jsonl with 'video' and 'prompt'")
-    return list(zip(files, prompts))
+    if not Path(cfg.videos).is_dir():
+        raise UserError(f"--videos {cfg.videos} is not a folder of mp4 files")
+    if not mp4_files(Path(cfg.videos)) and Path(cfg.prompts).suffix == ".txt":
+        raise UserError(f"--videos {cfg.videos} holds no .mp4 files; pass the folder of the videos to score")
+    return video_caption_pairs(cfg.videos, cfg.prompts, flag="--prompts")
 
 
-def _with_overall(scores: dict[str, float]) -> dict[str, float]:
-    if all(k in scores for k in ("VQ", "MQ", "TA")):
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _relative(path: Path, folder: str | None) -> str:
+    """The video's path as its caption file names it: relative to the folder, subfolders kept."""
+    try:
+        return str(path.relative_to(folder)) if folder else path.name
+    except ValueError:
+        return str(path)
+
+
+def _with_overall(scores: dict[str, float | None]) -> dict[str, float | None]:
+    if all(scores.get(k) is not None for k in ("VQ", "MQ", "TA")):
         scores["Overall"] = scores["VQ"] + scores["MQ"] + scores["TA"]  # as the official inference
     return scores
 
 
 def run_score(cfg: ScoreConfig) -> list[dict]:
     pairs = _pairs(cfg)
-    for path, _ in pairs:
-        if not path.is_file():
-            raise UserError(f"{path} does not exist")
+    out = None if cfg.video else Path(cfg.output) if cfg.output else Path(cfg.videos) / "scores.csv"
+    if out is not None and out.is_dir():
+        raise UserError(f"--output {out} is a folder; name the CSV file to write")
     rewards = build_rewards(cfg, default="videoalign", device=resolve_device(cfg.device))
     rows = []
     step = max(1, cfg.reward_batch_size)
     for start in range(0, len(pairs), step):  # one batched call per chunk of videos with one frame rate
         chunk = pairs[start:start + step]
-        try:
-            loaded = [read_video(path) for path, _ in chunk]
-        except (ValueError, OSError) as exc:  # not a readable video
-            raise UserError(f"cannot read a video: {exc}") from exc
+        loaded = []
+        for path, _ in chunk:
+            try:
+                loaded.append(read_video(path))
+            except Exception as exc:  # PyAV raises many kinds for a file that is not a video
+                raise UserError(f"cannot read {path} as a video ({exc}); re-encode it as mp4") from None
+            if len(loaded[-1][0]) < 2 and "VQ" in rewards.coefs:
+                raise UserError(f"{path} has {len(loaded[-1][0])} frame; VideoAlign scores videos of at least 2 "
+                                "frames")
         by_fps: dict[float, list[int]] = {}
         for i, (_, fps) in enumerate(loaded):
             by_fps.setdefault(fps, []).append(i)
@@ -88,12 +93,12 @@ def run_score(cfg: ScoreConfig) -> list[dict]:
         for fps, idx in by_fps.items():
             values = rewards([torch.from_numpy(loaded[i][0]) for i in idx], [chunk[i][1] for i in idx], fps=fps)
             for j, i in enumerate(idx):
-                scores[i] = _with_overall({k: float(v[j]) for k, v in values.items()})
-        rows += [{"video": path.name, "prompt": prompt, **scores[i]} for i, (path, prompt) in enumerate(chunk)]
+                scores[i] = _with_overall({k: _finite_or_none(float(v[j])) for k, v in values.items()})
+        rows += [{"video": _relative(path, cfg.videos), "prompt": prompt, **scores[i]}
+                 for i, (path, prompt) in enumerate(chunk)]
     if cfg.video:
-        print(json.dumps({k: v for k, v in rows[0].items() if k not in ("video", "prompt")}))
+        print(json.dumps({k: v for k, v in rows[0].items() if k not in ("video", "prompt")}))  # NaN -> null
         return rows
-    out = Path(cfg.output) if cfg.output else Path(cfg.videos) / "scores.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with tmp.open("w", newline="") as f:

@@ -8,22 +8,32 @@ Layout of ``SAVE_DIR/checkpoint-<step>/``:
                      any number of processes (resharded on load)
   training_state.pt  LR schedule, RNG states, step, data position, counters
 
+  MANIFEST.json      every other file's size and sha256, written last
+
 All ranks write their DCP shards into a temporary folder; rank 0 exports the gathered weights,
-writes the loop state and renames the folder into place, so a checkpoint-<step> is complete.
+writes the loop state and the manifest, and renames the folder into place, so a checkpoint-<step>
+is complete. ``--resume auto`` verifies the manifest and falls back past a damaged checkpoint to
+the previous one; a failed write (full disk, no permission) removes its temporary folder and leaves
+every earlier checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,7 +45,11 @@ from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
 from wan_grpo.models.denoiser import EXPERT_DIRS
 
+log = logging.getLogger("wan_grpo")
+
 STATE_FILE = "training_state.pt"
+MANIFEST = "MANIFEST.json"
+SLOW_WRITE_ENV = "WAN_GRPO_TEST_CHECKPOINT_DELAY"  # tests only: seconds to pause inside a checkpoint write
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
 GATHERED = StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True)
@@ -84,47 +98,162 @@ def _all_finite(policy) -> bool:
     return int(all_reduce_sum(torch.tensor([bad]))[0]) == 0
 
 
-def save_checkpoint(save_dir: str | Path, step: int, policy, state: dict, *, is_main: bool = True) -> Path:
-    """Write checkpoint-<step> atomically (every rank calls this) and return its path."""
+def save_checkpoint(save_dir: str | Path, step: int, policy, state: dict, *, is_main: bool = True,
+                    keep: int = 0) -> Path:
+    """Write checkpoint-<step> atomically (every rank calls this) and return its path; with ``keep`` > 0,
+    then delete all but the newest ``keep`` complete checkpoints."""
     if not _all_finite(policy):
         raise RuntimeError(f"refusing to save checkpoint {step}: non-finite weights")
     save_dir = Path(save_dir)
     final = save_dir / f"checkpoint-{step}"
     tmp = save_dir / f".checkpoint-{step}.tmp"
-    if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    error = None
+    try:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        modules = policy.modules()
+        model_sd, optim_sd = get_state_dict(modules, policy.optimizer, options=SHARDED)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        gathered = get_model_state_dict(modules, options=GATHERED)  # a collective: every rank joins
+        if is_main:
+            _write_rank0_files(tmp, final, step, policy, gathered, state)
+    except (OSError, RuntimeError, CheckpointException) as exc:  # how torch.save and DCP report a full disk
+        error = exc
+    # every rank learns whether the write failed, so none waits at a barrier for a rank that gave up
+    if int(all_reduce_sum(torch.tensor([int(error is not None)]))[0]):
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(save_dir, verify=False)
+        kept = f"; {previous.name} is intact" if previous is not None else ""
+        reason = _reason(error) if error is not None else "another process failed to write"
+        raise UserError(f"cannot write checkpoint {step} in {save_dir} ({reason}); free space or pass a writable "
+                        f"--save_dir{kept}") from None
     barrier()
-    modules = policy.modules()
-    model_sd, optim_sd = get_state_dict(modules, policy.optimizer, options=SHARDED)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    gathered = get_model_state_dict(modules, options=GATHERED)  # a collective: every rank joins
-    if is_main:
-        for idx, expert in policy.experts.items():
-            prefix = f"{idx}."
-            weights = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
-            _export_expert(expert, weights, tmp / EXPERT_DIRS[idx], lora=policy.lora)
-        payload = {**state, "step": step, "scheduler": policy.scheduler.state_dict(), "rng": rng_state(),
-                   "lora": policy.lora, "experts": sorted(policy.experts)}
-        torch.save(payload, tmp / STATE_FILE)
-        if final.exists():
-            old = save_dir / f".checkpoint-{step}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    barrier()
+    if is_main and keep > 0:
+        for _, old_ckpt in sorted(_numbered(save_dir))[:-keep]:
+            shutil.rmtree(old_ckpt, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(save_dir: str | Path) -> Path | None:
+def _reason(error: BaseException) -> str:
+    """One line for a failed write; DCP wraps the ranks' exceptions in a CheckpointException."""
+    if isinstance(error, CheckpointException):  # failures: rank -> (exception, traceback)
+        inner = [e[0] if isinstance(e, tuple) else e for e in error.failures.values()]
+        inner = [e for e in inner if isinstance(e, BaseException)]
+        if inner:
+            error = inner[0]
+    text = getattr(error, "strerror", None) or str(error)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+
+
+def _write_rank0_files(tmp: Path, final: Path, step: int, policy, gathered: dict, state: dict) -> None:
+    """Exported experts, loop state and manifest into ``tmp``, then the rename into place."""
+    for idx, expert in policy.experts.items():
+        prefix = f"{idx}."
+        weights = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
+        _export_expert(expert, weights, tmp / EXPERT_DIRS[idx], lora=policy.lora)
+    payload = {**state, "step": step, "scheduler": policy.scheduler.state_dict(), "rng": rng_state(),
+               "lora": policy.lora, "experts": sorted(policy.experts)}
+    torch.save(payload, tmp / STATE_FILE)
+    _test_pause()
+    _write_json(tmp / MANIFEST, manifest(tmp))
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def prepare_save_dir(path: str | Path, *, create: bool = True) -> Path:
+    """The run folder, created if needed; a file in its place or a folder that cannot be written is a
+    one-line error before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--save_dir {path} is a file; pass a folder (new or a run's own)")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"--save_dir {path}: cannot create it ({exc.strerror}); pass a writable folder") from None
+    probe = path if path.exists() else next(p for p in path.absolute().parents if p.exists())
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--save_dir {path}: {probe} is not writable; pass a writable folder")
+    return path
+
+
+def _test_pause() -> None:
+    delay = float(os.environ.get(SLOW_WRITE_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _write_json(path: Path, data) -> None:
+    with path.open("w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def manifest(folder: Path) -> dict[str, dict]:
+    """{relative path: {size, sha256}} of every file under ``folder`` but the manifest itself."""
+    return {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file the manifest lists is there with its size and sha256; else what is wrong."""
+    listed_path = path / MANIFEST
+    if not listed_path.is_file():
+        return f"no {MANIFEST}"
+    try:
+        listed = json.loads(listed_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return f"unreadable {MANIFEST}"
+    for name, entry in listed.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != entry["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {entry['size']}"
+        if _sha256(f) != entry["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def _numbered(save_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for p in Path(save_dir).glob("checkpoint-*"):
         m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and (p / STATE_FILE).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    return found
+
+
+def latest_checkpoint(save_dir: str | Path, *, verify: bool = True) -> Path | None:
+    """The newest complete checkpoint; with ``verify``, damaged ones are skipped with a warning."""
+    for _, path in sorted(_numbered(Path(save_dir)), reverse=True):
+        if not verify:
+            return path
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        if problem == f"no {MANIFEST}" and (path / STATE_FILE).is_file():
+            log.warning("%s has no %s (written by an older wan-grpo): resuming from it unverified", path, MANIFEST)
+            return path
+        log.warning("skipping %s: %s; falling back to the previous checkpoint", path, problem)
+    return None
 
 
 def resolve_resume(resume: str | None, save_dir: str | Path) -> Path | None:
@@ -136,6 +265,9 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise UserError(f"--resume {path} is not a complete checkpoint (no {STATE_FILE}); pass checkpoint-<step> "
                         "or --resume auto")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"--resume {path} is damaged ({problem}); pass an earlier checkpoint or --resume auto")
     return path
 
 

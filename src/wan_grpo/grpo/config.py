@@ -1,4 +1,5 @@
-"""``wan-grpo train`` settings: the design sketch's flags (same names and meanings) plus ours."""
+"""``wan-grpo train`` settings: the design sketch's flags (same names and meanings) plus ours; the
+policy, optimizer and checkpoint fields are shared with ``wan-grpo sft``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,44 @@ from wan_grpo.rewards.config import RewardConfig
 
 
 @dataclass
-class TrainConfig(RewardConfig, ModelConfig):
+class PolicyConfig(ModelConfig):
+    """What trains and how, and where it is saved: shared by ``train`` (GRPO) and ``sft``."""
+
+    train_experts: str = opt("high,low", "Experts to train: high (transformer), low (transformer_2), or both "
+                                         "(also written high,low).")
+    learning_rate: float = opt(8e-6, "AdamW learning rate of the high-noise expert.", gt=0)
+    learning_rate_2: float | None = opt(None, "Learning rate of the low-noise expert (default: --learning_rate).", gt=0)
+    weight_decay: float = opt(1e-4, "AdamW weight decay.", ge=0)
+    warmup_steps: int = opt(0, "Linear warmup steps.", ge=0)
+    lr_schedule: str = opt("constant", "After warmup: constant, or cosine (down to 0 at the run's last optimizer "
+                                       "step).", choices=("constant", "cosine"))
+    max_grad_norm: float = opt(1.0, "Clip each expert's gradient norm to this (0: off).", ge=0)
+    lora_rank: int = opt(32, "LoRA rank on each trained expert; 0: full fine-tuning.", ge=0)
+    lora_alpha: float = opt(64.0, "LoRA alpha.", gt=0)
+    lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
+                                   "Comma-separated module names that get LoRA adapters.")
+    offload_model: bool = opt(False, "Keep only the active expert (and its optimizer state) on the accelerator; "
+                                     "the other waits on CPU.")
+    gradient_checkpointing: bool | None = opt(None, "Recompute activations in backward to save memory. Default: on for "
+                                                    "real checkpoints, off for --task tiny.")
+    dit_fsdp: bool = opt(False, "Shard every expert with FSDP2 per transformer block; required with more than one "
+                                "process.")
+    save_dir: str = opt("./grpo_checkpoints", "Run directory: metrics, samples, checkpoints, config.yaml.")
+    save_interval: int = opt(0, "Checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = opt(0, "Keep only the newest N checkpoints, deleting older ones after each save (0: "
+                                   "keep all).", ge=0)
+    log_interval: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).", ge=0)
+    resume: str | None = opt(None, "auto (newest complete checkpoint in --save_dir) or a checkpoint path.")
+    tensorboard: bool = opt(True, "Also log metrics to TensorBoard under SAVE_DIR/tb.")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).", ge=0)
+
+
+@dataclass
+class TrainConfig(RewardConfig, PolicyConfig):
     # Data
     prompts: str | None = opt(None, "Prompt file: .txt (one per line) or .jsonl with a 'prompt' field. "
                                     "Default: the design sketch's five prompts.")
     num_epochs: int = opt(5, "Passes over the prompt set.", ge=1)
-    max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).", ge=0)
     batch_size: int = opt(1, "Prompts per rollout.", ge=1)
     num_generations: int = opt(8, "Videos sampled per prompt (the GRPO group size).", ge=2)
     # Rewards and advantages
@@ -30,40 +63,19 @@ class TrainConfig(RewardConfig, ModelConfig):
     trajectory_dtype: str = opt("fp32", "dtype of stored trajectory latents.", choices=("fp32", "bf16"))
     trajectory_on_cpu: bool = opt(False, "Keep stored trajectories in CPU memory.")
     # Policy update
-    train_experts: str = opt("high,low", "Experts to train: high (transformer), low (transformer_2) or both.")
     timestep_fraction: float = opt(1.0, "Fraction of each sample's trainable steps replayed per update.", gt=0, le=1)
     clip_range: float = opt(1e-4, "PPO clip range epsilon.", gt=0)
     kl_coef: float = opt(0.0, "Weight of the KL to the reference policy (LoRA: adapters disabled).", ge=0)
     optimizer_steps_per_rollout: int = opt(1, "Optimizer steps per rollout (1: the rollout is one step).", ge=1)
     train_batch_size: int = opt(4, "Transitions (sample, step) per forward/backward micro-batch.", ge=1)
-    learning_rate: float = opt(8e-6, "AdamW learning rate of the high-noise expert.", gt=0)
-    learning_rate_2: float | None = opt(None, "Learning rate of the low-noise expert (default: --learning_rate).", gt=0)
-    weight_decay: float = opt(1e-4, "AdamW weight decay.", ge=0)
-    warmup_steps: int = opt(0, "Linear warmup steps, then constant.", ge=0)
-    max_grad_norm: float = opt(1.0, "Clip each expert's gradient norm to this (0: off).", ge=0)
-    lora_rank: int = opt(32, "LoRA rank on each trained expert; 0: full fine-tuning.", ge=0)
-    lora_alpha: float = opt(64.0, "LoRA alpha.", gt=0)
-    lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
-                                   "Comma-separated module names that get LoRA adapters.")
-    offload_model: bool = opt(False, "Keep only the active expert (and its optimizer state) on the accelerator; "
-                                     "the other waits on CPU.")
-    gradient_checkpointing: bool | None = opt(None, "Recompute activations in backward to save memory. Default: on for "
-                                                    "real checkpoints, off for --task tiny.")
     # Distributed (README "Many GPUs")
     t5_fsdp: bool = opt(False, "Accepted for the design sketch's command lines: the text encoder runs once per "
                                "distinct prompt and is freed, so there is nothing to shard.")
-    dit_fsdp: bool = opt(False, "Shard every expert with FSDP2 per transformer block; required with more than one "
-                                "process.")
     ulysses_size: int = opt(1, "Ulysses sequence parallelism: split each video's tokens over this many ranks "
                                "(diffusers context parallelism; CUDA only, needs --dit_fsdp). Must divide the "
                                "process count, the attention heads and the tokens per video.", ge=1)
     # Output
-    save_dir: str = opt("./grpo_checkpoints", "Run directory: metrics, samples, checkpoints, config.yaml.")
-    save_interval: int = opt(0, "Checkpoint every N steps (0: only at the end).", ge=0)
     sample_interval: int = opt(0, "Write the first rollout video of every N-th step to samples/ (0: off).", ge=0)
-    log_interval: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).", ge=0)
     eval_interval: int = opt(0, "Every N rollouts, sample --eval_prompts deterministically (UniPC, fixed seeds) "
                                 "and log eval_<component>_mean (0: off).", ge=0)
     eval_prompts: str | None = opt(None, "Held-out prompts for --eval_interval (.txt or .jsonl).")
-    resume: str | None = opt(None, "auto (newest complete checkpoint in --save_dir) or a checkpoint path.")
-    tensorboard: bool = opt(True, "Also log metrics to TensorBoard under SAVE_DIR/tb.")

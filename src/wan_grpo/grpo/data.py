@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from wan_grpo.errors import UserError
+from wan_grpo.video import check_image_file
 
 # The design sketch's defaults, used when no --prompts file is given.
 DEFAULT_PROMPTS = [
@@ -23,9 +24,13 @@ DEFAULT_PROMPTS = [
 def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[list[str], list[str | None]]:
     """(prompts, images): .txt has one prompt per non-empty line; .jsonl one object per line with a
     'prompt' field and optionally an 'image' path (relative to the file's folder) for image-to-video
-    models; .txt prompts and lines without it have None."""
+    models (.txt prompts and lines without it have None); ``shapes:[LEVEL:]SPLIT`` names a shipped
+    Shapes prompt list."""
     if path is None:
         return list(DEFAULT_PROMPTS), [None] * len(DEFAULT_PROMPTS)
+    if str(path).startswith("shapes:"):
+        prompts = shapes_prompt_set(str(path), flag=flag)
+        return prompts, [None] * len(prompts)
     p = Path(path)
     if not p.is_file():
         what = "is a folder" if p.is_dir() else "does not exist"
@@ -50,6 +55,7 @@ def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[l
                 if not Path(image).is_file():
                     raise UserError(f"{p}:{n}: image {image} does not exist; fix the path (relative paths start "
                                     f"at {p.parent})")
+                check_image_file(image, f"{p}:{n}: image")
             if prompt:
                 prompts.append(prompt)
                 images.append(image)
@@ -57,6 +63,18 @@ def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[l
     if not lines:
         raise UserError(f"{flag} {p} holds no prompts; add one prompt per line")
     return lines, images
+
+
+def shapes_prompt_set(spec: str, *, flag: str = "--prompts") -> list[str]:
+    """``shapes:SPLIT`` (both levels) or ``shapes:LEVEL:SPLIT``: a shipped Shapes prompt list."""
+    from wan_grpo.tasks.shapes.splits import SPLITS, load_split
+
+    parts = spec.split(":")[1:]
+    levels, split = ((1, 2), parts[0]) if len(parts) == 1 else ((parts[0],), parts[-1])
+    if len(parts) > 2 or split not in SPLITS or any(str(lv) not in ("1", "2") for lv in levels):
+        raise UserError(f"{flag} {spec}: write shapes:SPLIT or shapes:LEVEL:SPLIT with LEVEL 1 or 2 and SPLIT one "
+                        f"of {', '.join(SPLITS)}")
+    return [p for lv in levels for p in load_split(int(lv), split)]
 
 
 class PromptOrder:

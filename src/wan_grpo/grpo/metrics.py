@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
+
+from wan_grpo.errors import UserError
+
+log = logging.getLogger("wan_grpo")
 
 
 def _clean(value):
@@ -27,10 +32,9 @@ class MetricsWriter:
         """On resume, drop rows past the checkpoint so the file reads as one uninterrupted run."""
         if not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]  # a torn last line goes too
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(r + "\n" for r in kept))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         tmp.replace(self.path)
 
     def write(self, row: dict) -> None:
@@ -48,5 +52,20 @@ class MetricsWriter:
 
 
 def read_metrics(save_dir: str | Path) -> list[dict]:
+    """The rows of SAVE_DIR/metrics.jsonl. A torn last line (a run killed mid-write) is skipped with a
+    warning; a damaged line elsewhere, or a row without ``step``, is a one-line error."""
     path = Path(save_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if n == len(lines):
+                log.warning("%s: skipping its torn last line %d (a run stopped while writing it)", path, n)
+                break
+            raise UserError(f"{path}:{n} is not a JSON object; delete or fix that line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise UserError(f"{path}:{n} has no integer 'step'; delete or fix that line")
+        rows.append(row)
+    return rows

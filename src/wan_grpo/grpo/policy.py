@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from diffusers.training_utils import cast_training_params
@@ -76,6 +78,19 @@ class Policy:
                 denoiser.experts = saved
 
 
+def lr_factor(step: int, *, warmup: int, schedule: str = "constant", total: int | None = None) -> float:
+    """The multiple of the peak rate that optimizer step ``step`` (0-based) uses: linear warmup over
+    ``warmup`` steps, then constant or a cosine down to 0 at step ``total``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if not total:
+        raise UserError("--lr_schedule cosine needs the run's length; set --max_steps")
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lora_targets(spec: str) -> list[str]:
     """--lora_target_modules as a sorted list of module names."""
     targets = sorted({t.strip() for t in str(spec).split(",") if t.strip()})
@@ -91,7 +106,10 @@ def use_gradient_checkpointing(cfg) -> bool:
     return bool(cfg.gradient_checkpointing)
 
 
-def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -> Policy:
+def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, reference: bool = False,
+                 total_steps: int | None = None) -> Policy:
+    """``cfg`` is a PolicyConfig; ``reference`` keeps frozen copies for a KL term under full fine-tuning;
+    ``total_steps`` (optimizer steps of the whole run) ends the cosine schedule."""
     from peft import LoraConfig
 
     indices = train_expert_indices(cfg.train_experts, components.presence)
@@ -117,7 +135,7 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -
             expert.requires_grad_(True)
         # Master weights of what trains are fp32; forward runs under bf16 autocast on CUDA.
         cast_training_params(expert, torch.float32)
-        if not lora and cfg.kl_coef > 0:
+        if not lora and reference:
             # copied after the cast, so the reference predicts exactly what the policy does at step 0
             references = references or {}
             references[idx] = copy.deepcopy(expert).requires_grad_(False).eval()
@@ -138,8 +156,8 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False) -
     lrs = {HIGH: cfg.learning_rate, LOW: cfg.learning_rate if cfg.learning_rate_2 is None else cfg.learning_rate_2}
     groups = [{"params": params[i], "lr": lrs[i], "name": EXPERT_NAMES[i]} for i in indices]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
-    warmup = max(0, cfg.warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=cfg.warmup_steps,
+                                                                      schedule=cfg.lr_schedule, total=total_steps))
     n_params = {EXPERT_NAMES[i]: sum(p.numel() for p in ps) for i, ps in params.items()}
     log.info("training %s (%s), trainable parameters %s", ", ".join(EXPERT_NAMES[i] for i in indices),
              f"LoRA r{cfg.lora_rank}" if lora else "full fine-tuning", n_params)

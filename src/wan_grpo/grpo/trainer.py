@@ -27,21 +27,28 @@ import yaml
 from tqdm.auto import tqdm
 
 from wan_grpo.config import check_ranges, parse_size
+from wan_grpo.distributed import DistInfo, cleanup, context_parallel, gather_samples, init_distributed
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.advantages import best_of_n, group_advantages
-from wan_grpo.grpo.checkpoint import check_resumable, load_checkpoint, resolve_resume, save_checkpoint
+from wan_grpo.grpo.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    prepare_save_dir,
+    resolve_resume,
+    save_checkpoint,
+)
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.data import PromptOrder, load_prompt_records
 from wan_grpo.grpo.metrics import MetricsWriter
 from wan_grpo.grpo.policy import Policy, build_policy, expert_names, lora_targets, train_expert_indices
+from wan_grpo.grpo.preemption import Preempted, StopRequests
 from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions, transitions_per_sample
 from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW, MoEDenoiser, route
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
+from wan_grpo.presets import default_reward
 from wan_grpo.rewards import RewardSet, build_rewards
 from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_config, resolve_device
-from wan_grpo.distributed import DistInfo, cleanup, gather_samples, init_distributed
-from wan_grpo.distributed import context_parallel
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, plan_steps, rollout_groups
 from wan_grpo.seeding import sample_seed, seed_everything
@@ -179,7 +186,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
         bar.update(len(run.rewards.entries))
     # A sample without a finite score (e.g. a reward-server batch that failed after its retries)
     # takes its whole group out of the update: no made-up score ever reaches the advantages.
-    scored = torch.stack([torch.isfinite(v) for v in components.values()]).all(0).view(-1, n).all(1)
+    scored = torch.stack([torch.isfinite(components[c]) for c in run.rewards.weighted]).all(0).view(-1, n).all(1)
     scored_samples = scored.repeat_interleave(n)
     if not bool(scored.all()):
         run.counters["unscored_groups"] += int((~scored).sum())
@@ -222,7 +229,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
         "epoch": run.order.epoch_of(r),
         "reward_mean": float(total_reward.mean()) if len(total_reward) else math.nan,
         "reward_std": float(total_reward.std(unbiased=False)) if len(total_reward) else math.nan,
-        **{f"reward_{c}_mean": float(v[scored_samples].mean()) if bool(scored.any()) else math.nan
+        **{f"reward_{c}_mean": float(v[scored_samples].nanmean()) if bool(scored.any()) else math.nan
            for c, v in components.items()},
         "advantage_abs_mean": float(adv.values[keep].abs().mean()) if keep.any() else 0.0,
         "kept_samples": int(keep.sum()),
@@ -263,9 +270,7 @@ def evaluate_policy(run: Run) -> dict:
 def setup(cfg: TrainConfig) -> Run:
     validate(cfg)
     seed_everything(cfg.seed)
-    save_dir = Path(cfg.save_dir)
-    if save_dir.exists() and not save_dir.is_dir():
-        raise UserError(f"--save_dir {save_dir} is a file; pass a folder (new or a run's own)")
+    save_dir = prepare_save_dir(cfg.save_dir, create=False)
     prompts, images = load_prompt_records(cfg.prompts)
     eval_prompts, eval_images = load_prompt_records(cfg.eval_prompts, flag="--eval_prompts") if cfg.eval_interval \
         else ([], [])
@@ -292,7 +297,7 @@ def setup(cfg: TrainConfig) -> Run:
         raise UserError(f"--batch_size x --num_generations = {total} samples do not split over {info.dp_size} "
                         "processes; make it a multiple of the process count")
     components, cfg, device, dtype = load_model(cfg)
-    rewards = build_rewards(cfg, default="brightness" if cfg.task == "tiny" else "videoalign", device=device,
+    rewards = build_rewards(cfg, default=default_reward(cfg.task), device=device,
                             drop_failed=True)
     check_prompt_images(components, images, "--prompts")
     check_prompt_images(components, eval_images, "--eval_prompts")
@@ -302,7 +307,7 @@ def setup(cfg: TrainConfig) -> Run:
     context_parallel.check_model(cfg.ulysses_size, heads=components.any_transformer.config.num_attention_heads,
                                  tokens=shape_one[2] // patch[0] * (shape_one[3] // patch[1]) * (shape_one[4] // patch[2]))
     if info.is_main:
-        save_dir.mkdir(parents=True, exist_ok=True)
+        prepare_save_dir(save_dir)
         (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     # The text encoder runs once per distinct prompt and is freed (so --t5_fsdp has nothing to shard).
     log.info("schedule: %s", describe_split(components, steps=cfg.sampling_steps, shift=cfg.sample_shift))
@@ -313,7 +318,9 @@ def setup(cfg: TrainConfig) -> Run:
                  "\n".join(train_estimate(cfg, nproc=info.world_size if cfg.dit_fsdp else 1)))
     cache = encode_all(components, prompts + eval_prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device, offload_experts=cfg.offload_model)
-    policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp)
+    order = PromptOrder(prompts, batch_size=cfg.batch_size, seed=cfg.seed)
+    policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp, reference=cfg.kl_coef > 0,
+                          total_steps=total_rollouts(cfg, order) * cfg.optimizer_steps_per_rollout)
     if cfg.ulysses_size > 1:
         context_parallel.enable(list(components.experts.values()), cp_size=cfg.ulysses_size, device_type=device.type)
         log.info("Ulysses: each video's tokens split over %d ranks; %d data-parallel slots", cfg.ulysses_size,
@@ -325,21 +332,29 @@ def setup(cfg: TrainConfig) -> Run:
                                              enabled=True)
         denoiser.placement.on_move.append(lambda module, dev: move_optimizer_state(policy.optimizer, module, dev))
     return Run(cfg=cfg, components=components, denoiser=denoiser, policy=policy, cache=cache, rewards=rewards,
-               sampler=sampler, shape_one=shape_one, order=PromptOrder(prompts, batch_size=cfg.batch_size,
-               seed=cfg.seed), device=device, save_dir=save_dir,
+               sampler=sampler, shape_one=shape_one, order=order, device=device, save_dir=save_dir,
                counters={"skipped_updates": 0, "dropped_groups": 0, "unscored_groups": 0},
                dist=info, eval_prompts=eval_prompts, images=images, eval_images=eval_images,
                resume=resume)
 
 
+def total_rollouts(cfg: TrainConfig, order: PromptOrder) -> int:
+    total = cfg.num_epochs * order.steps_per_epoch
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps // cfg.optimizer_steps_per_rollout)  # validate(): max_steps is a multiple
+    return total
+
+
 def train(cfg: TrainConfig) -> Path:
+    """Run GRPO; a stop signal (see grpo/preemption.py) ends it with a checkpoint and ``Preempted``."""
     try:
-        return _loop(setup(cfg))
+        with StopRequests() as stop:  # installed first: a signal during start-up stops cleanly too
+            return _loop(setup(cfg), stop)
     finally:
         cleanup()
 
 
-def _loop(run: Run) -> Path:
+def _loop(run: Run, stop: StopRequests) -> Path:
     cfg, main = run.cfg, run.dist.is_main
     k = cfg.optimizer_steps_per_rollout
     start = 0
@@ -348,32 +363,32 @@ def _loop(run: Run) -> Path:
         start = state["rollout"]
         run.counters.update(state["counters"])
         log.info("resumed from %s (step %d)", run.resume, state["step"])
-    total = cfg.num_epochs * run.order.steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps // k)  # validate() made max_steps a multiple of k
+    total = total_rollouts(cfg, run.order)
     metrics = MetricsWriter(run.save_dir, tensorboard=cfg.tensorboard, resume_step=start * k) if main else None
     log.info("GRPO on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d SDE steps (%s), "
              "%d process(es)", cfg.task, len(run.order.prompts), total, k, cfg.num_generations, cfg.sampling_steps,
              cfg.sde_type, run.dist.world_size)
-    last = None
+    saved_at = start * k if run.resume is not None else None  # the step whose checkpoint is on disk
     try:
         for r in tqdm(range(start, total), desc="GRPO", initial=start, total=total, disable=None if main else True):
+            if stop.agreed():  # every rank stops before the same rollout, after the last one's steps
+                path = run.save_dir / f"checkpoint-{r * k}"
+                if saved_at != r * k:
+                    path = save_checkpoint(run.save_dir, r * k, run.policy, _state(run, r), is_main=main,
+                                           keep=cfg.keep_checkpoints)
+                raise Preempted(stop.name, path)
             rows = grpo_rollout_step(run, r)
             for row in rows if main else ():
                 metrics.write(row)
             step = rows[-1]["step"]
             if cfg.log_interval and (r + 1) % cfg.log_interval == 0:
-                row = rows[-1]
-                log.info("step %d  reward %.4f +- %.4f  loss %.3g  ratio %.6f  clip %.3f  grad %.3g/%.3g  "
-                         "(rollout %.1fs reward %.1fs train %.1fs)", step, row["reward_mean"], row["reward_std"],
-                         row["loss"], row["ratio_mean"], row["clipfrac"], row["grad_norm_high"],
-                         row["grad_norm_low"], row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
-            if cfg.save_interval and (r + 1) * k // cfg.save_interval > r * k // cfg.save_interval and r + 1 < total:
-                save_checkpoint(run.save_dir, step, run.policy, _state(run, r + 1), is_main=main)
-            last = step
-        if last is not None:
-            path = save_checkpoint(run.save_dir, last, run.policy, _state(run, total), is_main=main)
-            log.info("checkpoint: %s", path)
+                _log_row(rows[-1])
+            if (cfg.save_interval and (r + 1) * k // cfg.save_interval > r * k // cfg.save_interval) or r + 1 == total:
+                save_checkpoint(run.save_dir, step, run.policy, _state(run, r + 1), is_main=main,
+                                keep=cfg.keep_checkpoints)
+                saved_at = step
+        if total > start:
+            log.info("checkpoint: %s", run.save_dir / f"checkpoint-{total * k}")
     finally:
         if metrics is not None:
             metrics.close()
@@ -383,6 +398,13 @@ def _loop(run: Run) -> Path:
         if cfg.sample_interval:
             print(f"samples: {run.save_dir / 'samples'}")
     return run.save_dir
+
+
+def _log_row(row: dict) -> None:
+    log.info("step %d  reward %.4f +- %.4f  loss %.3g  ratio %.6f  clip %.3f  grad %.3g/%.3g  "
+             "(rollout %.1fs reward %.1fs train %.1fs)", row["step"], row["reward_mean"], row["reward_std"],
+             row["loss"], row["ratio_mean"], row["clipfrac"], row["grad_norm_high"], row["grad_norm_low"],
+             row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
 
 
 def _print_summary(save_dir: Path) -> None:

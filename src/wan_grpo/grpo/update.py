@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wan_grpo.distributed import DistInfo, all_reduce_sum
 from wan_grpo.grpo import replay
 from wan_grpo.grpo.loss import gaussian_kl, ppo_clip_loss
-from wan_grpo.distributed import DistInfo, all_reduce_sum
 from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW
 from wan_grpo.sampling.rollout import Trajectory
 from wan_grpo.seeding import TIMESTEPS, stream
@@ -166,23 +166,39 @@ def policy_update(
         stats.loss = sums["loss"]
         stats.ratio_mean, stats.clipfrac = sums["ratio"] / n, sums["clipfrac"] / n
         stats.approx_kl, stats.kl = sums["approx_kl"] / n, sums["kl"] / n
-        finite = sums["non_finite"] == 0
-        for idx, params in policy.params.items():
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
-            stats.grad_norm[EXPERT_NAMES[idx]] = float(norm)
-            finite = finite and bool(torch.isfinite(norm))
-        stats.lr = {group["name"]: group["lr"] for group in policy.optimizer.param_groups}
-        if not finite:
-            log.warning("non-finite loss or gradient: optimizer step skipped, weights unchanged")
-            policy.optimizer.zero_grad(set_to_none=True)
-            stats.skipped = True
-        else:
-            _optimizer_step(policy, denoiser.placement)
-            policy.scheduler.step()
+        stats.grad_norm.update(clip_gradients(policy, cfg.max_grad_norm))
+        stats.lr = current_lrs(policy)
+        stats.skipped = not finish_step(policy, denoiser.placement, finite=sums["non_finite"] == 0 and all(
+            math.isfinite(v) for v in stats.grad_norm.values()))
         results.append(stats)
     return results
+
+
+def clip_gradients(policy, max_grad_norm: float) -> dict[str, float]:
+    """Clip each trained expert's gradient to ``max_grad_norm`` (0: no clipping); pre-clip norms by name."""
+    norms = {}
+    for idx, params in policy.params.items():
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+        norms[EXPERT_NAMES[idx]] = float(norm)
+    return norms
+
+
+def current_lrs(policy) -> dict[str, float]:
+    """The learning rate each trained expert's next optimizer step uses, by expert name."""
+    return {group["name"]: group["lr"] for group in policy.optimizer.param_groups}
+
+
+def finish_step(policy, placement, *, finite: bool) -> bool:
+    """Take the optimizer and LR-schedule step, or with a non-finite loss or gradient drop the
+    gradients and leave weights and schedule alone. Returns whether the step was taken."""
+    if not finite:
+        log.warning("non-finite loss or gradient: optimizer step skipped, weights unchanged")
+        policy.optimizer.zero_grad(set_to_none=True)
+        return False
+    _optimizer_step(policy, placement)
+    policy.scheduler.step()
+    return True
 
 
 def _optimizer_step(policy, placement) -> None:

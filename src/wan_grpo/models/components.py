@@ -23,6 +23,7 @@ class WanComponents:
     default_shift: float = 5.0
     source: str = ""
     text_setup: object | None = None  # runtime.TextSetup: --embedding_cache / --t5_cpu / deferred encoder load
+    text_len: int = 512  # tokens per prompt embedding: Wan2.2's 512, or less when the tokenizer's config says so
 
     @property
     def experts(self) -> dict[str, WanTransformer3DModel]:

@@ -106,6 +106,14 @@ def checkpoint_info(ckpt_dir: str | Path) -> ModelInfo:
                      num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)))
 
 
+def text_length(tokenizer_dir: Path) -> int:
+    """Tokens per prompt embedding: 512 (Wan2.2's text_len) unless the tokenizer's config sets a smaller
+    model_max_length (the Shapes model uses 16: its prompts are short and padding costs compute)."""
+    path = tokenizer_dir / "tokenizer_config.json"
+    limit = _read_json(path).get("model_max_length", 512) if path.is_file() else 512
+    return int(min(512, limit)) if isinstance(limit, (int, float)) and limit >= 1 else 512
+
+
 def scheduler_shift(scheduler_config: dict) -> float:
     """UniPC configs carry flow_shift, FlowMatchEuler configs carry shift."""
     return float(scheduler_config.get("flow_shift", scheduler_config.get("shift", 5.0)))
@@ -152,6 +160,7 @@ def load_components(
         scheduler_config=scheduler_config,
         default_shift=default_shift,
         source=str(root),
+        text_len=text_length(root / "tokenizer"),
     )
     if components.transformer_2 is not None and components.boundary_ratio is None:
         raise UserError(f"{root}/model_index.json has transformer_2 but no boundary_ratio; add it (0.875 for T2V)")

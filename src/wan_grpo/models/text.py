@@ -24,14 +24,9 @@ log = logging.getLogger("wan_grpo")
 TEXT_LEN = 512  # Wan2.2's text_len; WanPipeline.__call__'s max_sequence_length default
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], *, max_sequence_length: int = TEXT_LEN) -> torch.Tensor:
-    """(N, max_sequence_length, text_dim): embeddings zeroed past each prompt's own length."""
-    return _encode(tokenizer, text_encoder, prompts, max_sequence_length)[0]
-
-
 @torch.no_grad()
 def _encode(tokenizer, text_encoder, prompts: list[str], max_sequence_length: int):
-    """(embeddings as encode_prompts returns them, (N,) token counts)."""
+    """((N, max_sequence_length, text_dim) embeddings zeroed past each prompt's own length, (N,) token counts)."""
     cleaned = [prompt_clean(p) for p in prompts]
     tokens = tokenizer(
         cleaned,

@@ -1,6 +1,6 @@
 """Reward selection: ``--reward NAME[:WEIGHT],...`` with built-ins, ``videoalign`` and plug-ins.
 
-A plug-in is ``module.path:callable``: a function ``fn(videos, prompts, *, fps)`` (or a class
+``shapes`` is the Shapes task's verifier (wan_grpo.tasks.shapes). A plug-in is ``module.path:callable``: a function ``fn(videos, prompts, *, fps)`` (or a class
 instantiated with no arguments whose instances are such callables) returning a float tensor (N,)
 or a dict of named components. Every component is logged; the total reward is the weighted sum.
 """
@@ -16,7 +16,7 @@ from wan_grpo.errors import UserError
 from wan_grpo.rewards.base import Reward
 from wan_grpo.rewards.builtin import BUILTIN, FrameStatReward
 
-NAMES = (*BUILTIN, "videoalign")
+NAMES = (*BUILTIN, "shapes", "videoalign")
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
@@ -96,8 +96,14 @@ class RewardSet:
                 self.coefs.setdefault(name, weight * inner.get(name, 1.0))
         return out
 
+    @property
+    def weighted(self) -> list[str]:
+        """Components that enter the total and the advantages (coefficient != 0); the others are only
+        logged, and may be NaN where they do not apply (e.g. the shapes reward's motion on a level-2 prompt)."""
+        return [k for k, c in self.coefs.items() if c != 0]
+
     def total(self, components: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(self.coefs[k] * v for k, v in components.items())
+        return sum(self.coefs[k] * components[k] for k in self.weighted)
 
 
 def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop_failed: bool = False) -> RewardSet:
@@ -108,9 +114,10 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
     raising.
     """
     if cfg.reward_url:
-        from wan_grpo.rewards.remote import RemoteReward
+        from wan_grpo.rewards.remote import RemoteReward, reward_token
 
         remote = RemoteReward(cfg.reward_url, timeout=cfg.reward_timeout, retries=cfg.reward_retries,
+                              token=reward_token(cfg),
                               drop_on_failure=drop_failed)
         remote.check()
         return RewardSet([(remote, 1.0, remote.coefs)])
@@ -121,6 +128,10 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
                 raise UserError("--vq_coef, --mq_coef and --ta_coef are all 0; give VideoAlign a non-zero one")
             entries.append((build_videoalign(cfg, device=cfg.reward_device or device), weight,
                             {"VQ": cfg.vq_coef, "MQ": cfg.mq_coef, "TA": cfg.ta_coef}))
+        elif name == "shapes":
+            from wan_grpo.tasks.shapes.verifier import ShapesReward
+
+            entries.append((ShapesReward(), weight, ShapesReward.coefs))
         elif name in BUILTIN:
             entries.append((FrameStatReward(name, BUILTIN[name]), weight, {}))
         else:
@@ -135,7 +146,9 @@ def build_videoalign(cfg, *, device: torch.device | str):
     if not cfg.reward_model_path:
         raise UserError("--reward videoalign needs --reward_model_path DIR (the downloaded VideoReward folder with "
                         "model_config.json and checkpoint-*/)")
-    device = torch.device(device)
+    from wan_grpo.runtime import resolve_device
+
+    device = resolve_device(str(device), flag="--reward_device" if cfg.reward_device else "--device")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     reward = load_videoreward(cfg.reward_model_path, base=cfg.videoalign_base, device=device, dtype=dtype)
     return VideoAlignReward(reward, raw=cfg.reward_raw, batch_size=cfg.reward_batch_size)

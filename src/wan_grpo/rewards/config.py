@@ -29,3 +29,7 @@ class RewardConfig:
     reward_timeout: float = opt(600.0, "Seconds to wait for one reward-server request.", gt=0)
     reward_retries: int = opt(3, "Attempts per reward-server request; after the last, the groups of that "
                                  "batch are dropped from the update (counted in metrics).", ge=1)
+    reward_token: str | None = opt(None, "Shared secret between reward-server and its clients (sent as a Bearer "
+                                         "token; the server refuses requests without it). Default: the "
+                                         "WAN_GRPO_REWARD_TOKEN environment variable, which keeps it out of "
+                                         "process listings.")

@@ -2,23 +2,33 @@
 
 So the reward model can live on other GPUs or another machine. One request carries a batch:
 the frames as uint8 arrays in a compressed .npz plus a JSON header (prompts, fps); the answer is
-JSON with every component's scores and coefficients. The server scores one request at a time.
+JSON with every component's scores and coefficients. The server scores one request at a time and
+queues up to ``BACKLOG`` connections, so many trainer ranks can share it.
 
-Failures: each request gets ``--reward_timeout`` seconds and ``--reward_retries`` attempts with
-backoff. When the last one fails the client either raises (score, eval) or, in training, returns
-NaN for that batch so the trainer leaves those groups out of the update and counts them; a
-failure never becomes a made-up score.
+Guards on the server: a Bearer token when one is set (401 without it), a bound on the body (413
+before it is read), on the frames once decompressed (413, read from the archive's headers before
+any array), and on frames per request; a malformed body gets 400, a reward that raises 500.
+
+Failures on the client: each request gets ``--reward_timeout`` seconds and ``--reward_retries``
+attempts with backoff; an answer that is not JSON or has the wrong number of scores counts as a
+failed attempt. When the last one fails the client either raises (score, eval) or, in training,
+returns NaN for that batch so the trainer leaves those groups out of the update and counts them;
+a failure never becomes a made-up score.
 """
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
+import os
 import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -27,8 +37,32 @@ import torch
 log = logging.getLogger("wan_grpo")
 
 
+TOKEN_ENV = "WAN_GRPO_REWARD_TOKEN"
+BACKLOG = 256  # queued connections (socketserver's default of 5 reset clients under load)
+
+
 class RewardServerError(RuntimeError):
     """The reward server could not score a batch within the allowed attempts."""
+
+
+class BadRequest(ValueError):
+    """A request the server refuses: ``status`` is the HTTP code to answer with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    body_bytes: int = 256 * 2**20
+    decoded_bytes: int = 2048 * 2**20
+    frames: int = 4096
+
+
+def reward_token(cfg) -> str | None:
+    """--reward_token, else the WAN_GRPO_REWARD_TOKEN environment variable, else None."""
+    return cfg.reward_token or os.environ.get(TOKEN_ENV) or None
 
 
 def encode_batch(videos: list[torch.Tensor], prompts: list[str], fps: float) -> bytes:
@@ -39,16 +73,50 @@ def encode_batch(videos: list[torch.Tensor], prompts: list[str], fps: float) -> 
     return buf.getvalue()
 
 
-def decode_batch(body: bytes) -> tuple[list[torch.Tensor], list[str], float]:
-    with np.load(io.BytesIO(body), allow_pickle=False) as data:
-        header = json.loads(data["header"].tobytes())
-        videos = [torch.from_numpy(data[f"video_{i}"].copy()) for i in range(header["count"])]
-    for v in videos:
-        if v.dtype != torch.uint8 or v.ndim != 4 or v.shape[-1] != 3:
-            raise ValueError(f"a video must be uint8 (T, H, W, 3), got {v.dtype} {tuple(v.shape)}")
-    if len(header["prompts"]) != len(videos):
-        raise ValueError(f"{len(videos)} videos but {len(header['prompts'])} prompts")
-    return videos, header["prompts"], header["fps"]
+def _check_archive(body: bytes, limits: RequestLimits) -> None:
+    """Sizes from the zip's and every .npy's headers, before any array is decompressed."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(body))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise BadRequest(400, f"the body is not an .npz archive ({exc})") from None
+    decoded = sum(m.file_size for m in members)
+    if decoded > limits.decoded_bytes:
+        raise BadRequest(413, f"the frames decompress to {decoded / 2**20:.0f} MiB, over this server's "
+                              f"--max_decoded_mb {limits.decoded_bytes / 2**20:.0f}")
+    frames = 0
+    for m in members:
+        if m.filename.startswith("video_"):
+            with archive.open(m) as f:
+                try:
+                    version = np.lib.format.read_magic(f)
+                    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read_header is None:
+                        raise ValueError(f".npy format {version}")
+                    shape, _, dtype = read_header(f)  # the header only: no array is read
+                except ValueError as exc:
+                    raise BadRequest(400, f"{m.filename} is not a .npy array ({exc})") from None
+            if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+                raise BadRequest(400, f"a video must be uint8 (T, H, W, 3), got {dtype} {shape}")
+            frames += shape[0]
+    if frames > limits.frames:
+        raise BadRequest(413, f"{frames} frames in one request, over this server's --max_frames {limits.frames}")
+
+
+def decode_batch(body: bytes, limits: RequestLimits | None = None) -> tuple[list[torch.Tensor], list[str], float]:
+    """The videos, prompts and fps of a request; BadRequest (400/413) for anything malformed or too big."""
+    _check_archive(body, limits or RequestLimits())
+    try:
+        with np.load(io.BytesIO(body), allow_pickle=False) as data:
+            header = json.loads(data["header"].tobytes())
+            videos = [torch.from_numpy(data[f"video_{i}"].copy()) for i in range(int(header["count"]))]
+            prompts, fps = [str(p) for p in header["prompts"]], float(header["fps"])
+    except (KeyError, ValueError, TypeError, OSError, zipfile.BadZipFile) as exc:
+        raise BadRequest(400, f"malformed request: {type(exc).__name__}: {exc}") from None
+    if len(prompts) != len(videos):
+        raise BadRequest(400, f"{len(videos)} videos but {len(prompts)} prompts")
+    return videos, prompts, fps
 
 
 class RemoteReward:
@@ -57,8 +125,9 @@ class RemoteReward:
     name = "remote"
 
     def __init__(self, url: str, *, timeout: float = 600.0, retries: int = 3, drop_on_failure: bool = False,
-                 backoff: float = 1.0):
+                 backoff: float = 1.0, token: str | None = None):
         self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout, self.retries, self.backoff = timeout, max(1, retries), backoff
         self.drop_on_failure = drop_on_failure
         self.coefs: dict[str, float] = {}
@@ -68,7 +137,8 @@ class RemoteReward:
     def check(self) -> None:
         """Fail fast, with the fix, when no server answers at start-up."""
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=min(self.timeout, 30.0)) as response:
+            request = urllib.request.Request(self.url + "/health", headers=self.headers)
+            with urllib.request.urlopen(request, timeout=min(self.timeout, 30.0)) as response:
                 self.coefs.update(json.loads(response.read()).get("coefs", {}))
             self.components = tuple(self.coefs)  # so even a failed first batch can be dropped
         except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -79,7 +149,7 @@ class RemoteReward:
 
     def _post(self, body: bytes) -> dict:
         request = urllib.request.Request(self.url + "/score", data=body, method="POST",
-                                         headers={"Content-Type": "application/octet-stream"})
+                                         headers={"Content-Type": "application/octet-stream", **self.headers})
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return json.loads(response.read())
 
@@ -89,12 +159,16 @@ class RemoteReward:
         for attempt in range(1, self.retries + 1):
             try:
                 answer = self._post(body)
+                scores = {k: torch.tensor(v, dtype=torch.float32).flatten() for k, v in answer["components"].items()}
+                wrong = {k: len(v) for k, v in scores.items() if len(v) != len(videos)}
+                if wrong or not scores:
+                    raise ValueError(f"the answer has {wrong or 'no'} scores for {len(videos)} videos")
                 self.coefs.update(answer["coefs"])
-                self.components = tuple(answer["components"])
-                return {k: torch.tensor(v, dtype=torch.float32) for k, v in answer["components"].items()}
+                self.components = tuple(scores)
+                return scores
             except urllib.error.HTTPError as exc:  # the server answered: its reward raised
                 error = f"HTTP {exc.code}: {exc.read().decode(errors='replace').strip()}"
-            except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+            except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
             log.warning("reward server %s, attempt %d/%d failed: %s", self.url, attempt, self.retries, error)
             if attempt < self.retries:
@@ -107,11 +181,15 @@ class RemoteReward:
         return {k: nan.clone() for k in self.components}
 
 
-def make_server(rewards, host: str, port: int) -> ThreadingHTTPServer:
+def make_server(rewards, host: str, port: int, *, token: str | None = None,
+                limits: RequestLimits | None = None) -> ThreadingHTTPServer:
     """An HTTP server scoring with ``rewards`` (a RewardSet); requests are scored one at a time."""
     lock = threading.Lock()
+    limits = limits or RequestLimits()
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 120  # seconds a client may take to send its request (a stalled client frees its thread)
+
         def _reply(self, code: int, payload: dict) -> None:
             data = json.dumps(payload).encode()
             self.send_response(code)
@@ -120,16 +198,39 @@ def make_server(rewards, host: str, port: int) -> ThreadingHTTPServer:
             self.end_headers()
             self.wfile.write(data)
 
+        def _authorised(self) -> bool:
+            if token is None:
+                return True
+            given = self.headers.get("Authorization", "")
+            if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return True
+            self._reply(401, {"error": "missing or wrong token: pass --reward_token or set " + TOKEN_ENV})
+            return False
+
         def do_GET(self):  # noqa: N802
             if self.path != "/health":
                 return self._reply(404, {"error": "GET /health or POST /score"})
-            self._reply(200, {"status": "ok", "coefs": rewards.coefs})
+            if self._authorised():
+                self._reply(200, {"status": "ok", "coefs": rewards.coefs})
 
         def do_POST(self):  # noqa: N802
             if self.path != "/score":
                 return self._reply(404, {"error": "POST /score"})
+            if not self._authorised():
+                return None
             try:
-                videos, prompts, fps = decode_batch(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                length = int(self.headers.get("Content-Length", ""))
+            except ValueError:
+                return self._reply(411, {"error": "a request needs a Content-Length"})
+            if length > limits.body_bytes:
+                self.close_connection = True  # the body is never read
+                return self._reply(413, {"error": f"{length} bytes is over this server's --max_request_mb "
+                                                  f"{limits.body_bytes / 2**20:.0f}"})
+            try:
+                videos, prompts, fps = decode_batch(self.rfile.read(length), limits)
+            except BadRequest as exc:
+                return self._reply(exc.status, {"error": str(exc)})
+            try:
                 with lock:
                     scores = rewards(videos, prompts, fps=fps)
             except Exception as exc:  # reported to the client, which retries or stops; never a score
@@ -141,4 +242,8 @@ def make_server(rewards, host: str, port: int) -> ThreadingHTTPServer:
         def log_message(self, fmt, *args):
             log.debug("%s %s", self.address_string(), fmt % args)
 
-    return ThreadingHTTPServer((host, port), Handler)
+    class Server(ThreadingHTTPServer):
+        request_queue_size = BACKLOG
+        daemon_threads = True
+
+    return Server((host, port), Handler)

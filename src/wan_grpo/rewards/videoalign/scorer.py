@@ -7,8 +7,9 @@ from importlib import resources
 
 import torch
 
+from wan_grpo.errors import UserError
 from wan_grpo.rewards.videoalign.loading import VideoReward
-from wan_grpo.rewards.videoalign.preprocess import MAX_PIXELS, MERGE, preprocess_video
+from wan_grpo.rewards.videoalign.preprocess import FRAME_FACTOR, MAX_PIXELS, MERGE, preprocess_video
 
 PROMPT_SHA256 = "fdb6309bac618dd0c8b1b589d3a0970a974f7856eecbb355a190b2dce54af700"
 COMPONENTS = ("VQ", "MQ", "TA")
@@ -91,6 +92,10 @@ class VideoAlignReward:
         return torch.cat(out)
 
     def __call__(self, videos: list[torch.Tensor], prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
+        short = min(len(v) for v in videos)
+        if short < FRAME_FACTOR:
+            raise UserError(f"VideoAlign scores videos of at least {FRAME_FACTOR} frames, got one of {short}; "
+                            "use --frame_num 5 or more")
         scores = self.raw_scores(videos, prompts, fps=fps)
         out = {}
         for j, name in enumerate(COMPONENTS):
