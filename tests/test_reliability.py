@@ -44,8 +44,9 @@ def straight(tmp_path_factory):
 def start_train(save_dir, *extra, env=None):
     cmd = [sys.executable, "-m", "wan_grpo", "train", *RUN, "--max_steps", str(STEPS), "--save_dir", str(save_dir),
            "--resume", "auto", *extra]
+    env = {**(env or {}), "WAN_GRPO_TEST_STEP_DELAY": "0.3"}  # ~0.1 s steps would end before most signals
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+                            env={**os.environ, **env})
 
 
 def wait_for_training(proc, save_dir, timeout=120):
@@ -75,7 +76,7 @@ def test_sigterm_at_random_moments_stops_cleanly_and_resumes_exactly(tmp_path, s
         save_dir = tmp_path / f"t{trial}"
         proc = start_train(save_dir, "--save_interval", "100")
         wait_for_training(proc, save_dir)
-        time.sleep(rng.uniform(0, 4))
+        time.sleep(rng.uniform(0, 2))  # the run takes ~2.5 s from here
         sig = rng.choice([signal.SIGTERM, signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=120)
@@ -187,7 +188,8 @@ def test_keep_checkpoints_and_a_save_dir_under_a_file(tmp_path, capsys):
 @pytest.mark.slow
 def test_300_steps_do_not_grow_memory_or_open_files(tmp_path):
     save_dir = tmp_path / "long"
-    cmd = [sys.executable, "-m", "wan_grpo", "train", *RUN, "--max_steps", "300", "--sample_interval", "5",
+    cmd = [sys.executable, "-m", "wan_grpo", "train", *RUN, "--num_epochs", "200", "--max_steps", "300",
+           "--sample_interval", "5",
            "--tensorboard", "true", "--log_interval", "0", "--save_interval", "50", "--keep_checkpoints", "1",
            "--save_dir", str(save_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -202,13 +204,14 @@ def test_300_steps_do_not_grow_memory_or_open_files(tmp_path):
             except (FileNotFoundError, StopIteration, ProcessLookupError):
                 break
             samples.setdefault(steps, (rss, fds))
-            time.sleep(0.5)
+            time.sleep(0.1)
     finally:
         proc.wait(timeout=900)
     assert proc.returncode == 0
-    after_50 = [v for s, v in samples.items() if s >= 50]
+    early = [v for s, v in samples.items() if 50 <= s < 150]
     late = [v for s, v in samples.items() if s >= 250]
-    assert after_50 and late
-    rss_50 = min(r for r, _ in after_50[:5])
-    assert max(r for r, _ in late) < 1.05 * rss_50, (rss_50, max(r for r, _ in late))
-    assert max(f for _, f in late) <= max(f for _, f in after_50[:5])
+    assert early and late, sorted(samples)
+    # peaks against peaks: a checkpoint write or a sample video briefly holds more
+    rss_early, rss_late = max(r for r, _ in early), max(r for r, _ in late)
+    assert rss_late < 1.05 * rss_early, (rss_early, rss_late)
+    assert max(f for _, f in late) <= max(f for _, f in early), samples

@@ -1,5 +1,5 @@
 import sys
 
-from wan_grpo.cli import main
+from wan_grpo.cli import program
 
-sys.exit(main())
+program()

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from wan_grpo.config import add_config_arguments, build_config
 from wan_grpo.errors import UserError
-from wan_grpo.grpo.preemption import PREEMPTED_EXIT, Preempted
+from wan_grpo.grpo.preemption import PREEMPTED_EXIT, SIGNALS, Preempted, StopRequests
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -59,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, keep_handlers: bool = False) -> int:
+    """Run one command; returns the exit status. ``keep_handlers`` (the console entry point) leaves
+    train's and sft's stop-signal handlers installed until the process exits, so a SIGTERM that lands
+    after the last checkpoint, while the interpreter shuts down, cannot kill it."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
@@ -69,7 +73,16 @@ def main(argv: list[str] | None = None) -> int:
             write_report(args.save_dir)
         else:
             config_cls, runner, _ = COMMANDS[args.command]
-            _load(runner)(build_config(_load(config_cls), args, config_file=getattr(args, "config", None)))
+            config = build_config(_load(config_cls), args, config_file=getattr(args, "config", None))
+            if args.command in ("train", "sft"):
+                stop = StopRequests().__enter__()
+                try:
+                    _load(runner)(config, stop=stop)
+                finally:
+                    if not keep_handlers:
+                        stop.__exit__(None, None, None)
+            else:
+                _load(runner)(config)
     except UserError as exc:
         print(f"wan-grpo: error: {exc}", file=sys.stderr)
         return 2
@@ -79,5 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def program() -> None:
+    """The ``wan-grpo`` console script and ``python -m wan_grpo``."""
+    code = main(keep_handlers=True)
+    if code in (0, PREEMPTED_EXIT):  # the work is saved: a late stop signal must not turn this into a kill
+        for sig in SIGNALS:  # (Python restores the default handlers while it shuts down; ignored stays ignored)
+            signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

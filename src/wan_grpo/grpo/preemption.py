@@ -36,16 +36,21 @@ class StopRequests:
     def __init__(self):
         self.received: int | None = None
         self._previous = {}
+        self._depth = 0  # nested ``with`` blocks (the CLI's and the trainer's) install the handlers once
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous = {}
         return False
 
     def _handle(self, signum, frame):

@@ -345,10 +345,10 @@ def total_rollouts(cfg: TrainConfig, order: PromptOrder) -> int:
     return total
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run GRPO; a stop signal (see grpo/preemption.py) ends it with a checkpoint and ``Preempted``."""
+def train(cfg: TrainConfig, *, stop: StopRequests | None = None) -> Path:
+    """Run GRPO; a stop signal (``stop``, see grpo/preemption.py) ends it with a checkpoint and ``Preempted``."""
     try:
-        with StopRequests() as stop:  # installed first: a signal during start-up stops cleanly too
+        with stop or StopRequests() as stop:  # installed first: a signal during start-up stops cleanly too
             return _loop(setup(cfg), stop)
     finally:
         cleanup()
@@ -378,6 +378,7 @@ def _loop(run: Run, stop: StopRequests) -> Path:
                                            keep=cfg.keep_checkpoints)
                 raise Preempted(stop.name, path)
             rows = grpo_rollout_step(run, r)
+            _test_pause()
             for row in rows if main else ():
                 metrics.write(row)
             step = rows[-1]["step"]
@@ -398,6 +399,15 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         if cfg.sample_interval:
             print(f"samples: {run.save_dir / 'samples'}")
     return run.save_dir
+
+
+STEP_DELAY_ENV = "WAN_GRPO_TEST_STEP_DELAY"  # tests only: seconds to pause after each rollout
+
+
+def _test_pause() -> None:
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _log_row(row: dict) -> None:

@@ -64,9 +64,9 @@ def trained_range(trained: list[int], boundary_ratio: float | None) -> tuple[flo
     return (boundary_ratio, 1.0) if trained == [HIGH] else (0.0, boundary_ratio)
 
 
-def run_sft(cfg: SFTConfig) -> Path:
+def run_sft(cfg: SFTConfig, *, stop: StopRequests | None = None) -> Path:
     try:
-        with StopRequests() as stop:  # a stop signal ends the run with a checkpoint and Preempted
+        with stop or StopRequests() as stop:  # a stop signal ends the run with a checkpoint and Preempted
             return _run(cfg, stop)
     finally:
         cleanup()
