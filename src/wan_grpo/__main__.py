@@ -1,4 +1,3 @@
-import sys
 
 from wan_grpo.cli import program
 
