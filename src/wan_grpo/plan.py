@@ -144,7 +144,7 @@ def describe(est: dict) -> list[str]:
 
 def train_estimate(cfg, *, nproc: int) -> list[str]:
     """The plan for a resolved TrainConfig, as ``train`` prints it at start-up."""
-    return describe(estimate(PlanConfig(task=cfg.task, size=cfg.size, frame_num=cfg.frame_num,
+    return describe(estimate(PlanConfig(task=cfg.task, ckpt_dir=cfg.ckpt_dir, size=cfg.size, frame_num=cfg.frame_num,
                                         lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules,
                                         train_experts=cfg.train_experts, nproc=nproc,
                                         train_batch_size=cfg.train_batch_size)))

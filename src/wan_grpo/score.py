@@ -13,10 +13,10 @@ import torch
 
 from wan_grpo.config import opt
 from wan_grpo.errors import UserError
-from wan_grpo.rewards import build_rewards
+from wan_grpo.rewards import build_rewards, parse_reward_spec
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import resolve_device
-from wan_grpo.video import mp4_files, read_video, video_caption_pairs
+from wan_grpo.video import frame_count, mp4_files, read_video, video_caption_pairs
 
 log = logging.getLogger("wan_grpo")
 
@@ -72,6 +72,14 @@ def run_score(cfg: ScoreConfig) -> list[dict]:
     out = None if cfg.video else Path(cfg.output) if cfg.output else Path(cfg.videos) / "scores.csv"
     if out is not None and out.is_dir():
         raise UserError(f"--output {out} is a folder; name the CSV file to write")
+    if "videoalign" in [name for name, _ in parse_reward_spec(cfg.reward or "videoalign")]:
+        for path, _ in pairs:  # before the reward model loads
+            try:
+                frames = frame_count(path)
+            except Exception as exc:  # PyAV raises many kinds for a file that is not a video
+                raise UserError(f"cannot read {path} as a video ({exc}); re-encode it as mp4") from None
+            if frames < 2:
+                raise UserError(f"{path} has {frames} frame; VideoAlign scores videos of at least 2 frames")
     rewards = build_rewards(cfg, default="videoalign", device=resolve_device(cfg.device))
     rows = []
     step = max(1, cfg.reward_batch_size)
@@ -83,9 +91,6 @@ def run_score(cfg: ScoreConfig) -> list[dict]:
                 loaded.append(read_video(path))
             except Exception as exc:  # PyAV raises many kinds for a file that is not a video
                 raise UserError(f"cannot read {path} as a video ({exc}); re-encode it as mp4") from None
-            if len(loaded[-1][0]) < 2 and "VQ" in rewards.coefs:
-                raise UserError(f"{path} has {len(loaded[-1][0])} frame; VideoAlign scores videos of at least 2 "
-                                "frames")
         by_fps: dict[float, list[int]] = {}
         for i, (_, fps) in enumerate(loaded):
             by_fps.setdefault(fps, []).append(i)

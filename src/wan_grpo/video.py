@@ -88,6 +88,13 @@ def read_video(path: str | Path) -> tuple[np.ndarray, float]:
         return frames, float(rate)
 
 
+def frame_count(path: str | Path) -> int:
+    """Frames of a video from its header (decoding only when the container does not say)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.frames or sum(1 for _ in container.decode(stream))
+
+
 CAPTION_FILES = ("captions.jsonl", "captions.csv", "captions.txt")
 
 
