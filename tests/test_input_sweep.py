@@ -161,9 +161,8 @@ def test_eval_compare_to_refuses_runs_it_cannot_pair(tmp_path, capsys):
 
 
 def test_nan_is_never_a_silent_default():
-    from wan_grpo.config import check_ranges
+    from wan_grpo.config import SampleConfig, check_ranges
     from wan_grpo.errors import UserError
-    from wan_grpo.config import SampleConfig
 
     cfg = SampleConfig(task="tiny", guidance_scale=math.nan)
     with pytest.raises(UserError, match="--guidance_scale"):
