@@ -183,3 +183,26 @@ def test_train_reads_the_plan_of_its_own_checkpoint(tiny_ckpt, tmp_path):
     assert main(["train", "--ckpt_dir", str(folder), "--reward", "brightness", "--prompts", "shapes:1:val",
                  "--size", "32*32", "--sampling_steps", "2", "--num_generations", "2", "--batch_size", "1",
                  "--max_steps", "1", "--tensorboard", "false", "--save_dir", str(tmp_path / "run")]) == 0
+
+
+def test_reward_device_and_eval_images_are_checked(tmp_path, capsys):
+    import torch
+
+    from wan_grpo.tasks.shapes.world import parse, render
+
+    video = tmp_path / "v.mp4"
+    write_mp4(video, render(parse("a red circle moving left"), 0), fps=8)
+    if not torch.cuda.is_available():
+        from wan_grpo.rewards.videoalign.tiny import save_tiny_videoreward
+
+        reward_dir, base = save_tiny_videoreward(tmp_path / "va")
+        err = one_line(capsys, ["score", "--video", str(video), "--prompt", "x", "--reward_model_path",
+                                str(reward_dir), "--videoalign_base", str(base), "--reward_device", "cuda"])
+        assert "--reward_device" in err
+    not_image = tmp_path / "photo.jpg"
+    not_image.write_bytes(b"\x00" * 64)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat", "image": str(not_image)}) + "\n")
+    err = one_line(capsys, ["eval", "--task", "tiny", "--prompts", str(prompts), "--save_dir", str(tmp_path / "e")])
+    assert "p.jsonl:1" in err and "image" in err
+    assert not (tmp_path / "e").exists()
