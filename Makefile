@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_CPU ?= torch==2.13.0
 DEMO_DIR  ?= runs/demo
 
-.PHONY: demo test install clean shapes-base
+.PHONY: demo test lint install clean shapes-base
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 
 # Rebuild the shipped Shapes base model (src/wan_grpo/tasks/shapes/base/): deterministic, ~20 min on 2 cores.
 shapes-base: $(STAMP)

@@ -59,8 +59,8 @@ def test_ppo_clip_loss_reference():
     eps = 0.1
     loss, stats = ppo_clip_loss(lp, old, adv, eps)
     want = []
-    for l, a in zip(lp.tolist(), adv.tolist()):
-        r = math.exp(l)
+    for logp, a in zip(lp.tolist(), adv.tolist()):
+        r = math.exp(logp)
         want.append(max(-a * r, -a * min(max(r, 1 - eps), 1 + eps)))
     assert loss.tolist() == pytest.approx(want, rel=1e-12)
     assert stats["clipfrac"].tolist() == [0, 1, 1, 1, 1]
@@ -73,7 +73,8 @@ def test_ppo_clip_loss_reference():
 
 def test_gaussian_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(1)
-    m1, m2 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    m1 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    m2 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
     std = torch.tensor([0.3, 0.7], dtype=torch.float64).view(2, 1, 1)
     kl = gaussian_kl(m1, m2, std)
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, std.expand_as(m1)),

@@ -162,7 +162,7 @@ def test_t5_cpu_keeps_the_encoder_on_cpu_and_moves_embeddings_to_the_device():
         components, _, _, _ = load_model(SampleConfig(device="cpu", t5_cpu=t5_cpu))
         encoder, moves = components.text_encoder, []
         real_to = encoder.to
-        encoder.to = lambda *a, **k: moves.append(torch.device(a[0])) or real_to(*a, **k)
+        encoder.to = lambda *a, **k: moves.append(torch.device(a[0])) or real_to(*a, **k)  # noqa: B023 (used now)
         with contextlib.suppress(RuntimeError) if not t5_cpu else contextlib.nullcontext():
             cache = encode_all(components, PROMPTS, NEG, device=torch.device("meta"), dtype=torch.float32)
         if t5_cpu:

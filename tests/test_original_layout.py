@@ -216,7 +216,8 @@ def official_vae_keys(*, dim: int, dec_dim: int, dim_mult, nrb: int, temporal, w
         return [p + s for s in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")]
 
     def resample(p, t):
-        return [p + "resample.1.weight", p + "resample.1.bias"] + ([p + "time_conv.weight", p + "time_conv.bias"] if t else [])
+        temporal = [p + "time_conv.weight", p + "time_conv.bias"] if t else []
+        return [p + "resample.1.weight", p + "resample.1.bias"] + temporal
 
     keys = ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "encoder.conv1.weight", "encoder.conv1.bias"]
     dims = [dim * u for u in [1] + list(dim_mult)]
@@ -237,7 +238,8 @@ def official_vae_keys(*, dim: int, dec_dim: int, dim_mult, nrb: int, temporal, w
 
     ddims = [dec_dim * u for u in [dim_mult[-1]] + list(dim_mult)[::-1]]
     keys += ["decoder.conv1.weight", "decoder.conv1.bias"]
-    keys += res("decoder.middle.0.", ddims[0], ddims[0]) + attn("decoder.middle.1.") + res("decoder.middle.2.", ddims[0], ddims[0])
+    keys += res("decoder.middle.0.", ddims[0], ddims[0]) + attn("decoder.middle.1.")
+    keys += res("decoder.middle.2.", ddims[0], ddims[0])
     up_t = list(temporal)[::-1]
     flat = 0
     for i, (a, b) in enumerate(zip(ddims[:-1], ddims[1:])):
@@ -351,7 +353,9 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 def assert_same_config(a, b, ignore=()) -> None:
     ca = {k: v for k, v in dict(a.config).items() if not k.startswith("_") and k not in ignore}
     cb = {k: v for k, v in dict(b.config).items() if not k.startswith("_") and k not in ignore}
-    norm = lambda d: json.loads(json.dumps(d, default=str))  # tuples vs lists
+    def norm(d):
+        return json.loads(json.dumps(d, default=str))  # tuples vs lists
+
     assert norm(ca) == norm(cb)
 
 
@@ -426,7 +430,8 @@ def test_fixture_writes_the_official_names():
     keys22 = set(vae_to_wan(v22.state_dict(), nrb=VAE22_NRB, wan22=True))
     assert keys22 == official_vae_keys(dim=4, dec_dim=6, dim_mult=[1, 2, 4, 4], nrb=VAE22_NRB,
                                        temporal=[False, True, True], wan22=True)
-    assert {"encoder.downsamples.0.downsamples.1.resample.1.weight", "encoder.downsamples.1.downsamples.1.time_conv.weight",
+    assert {"encoder.downsamples.0.downsamples.1.resample.1.weight",
+            "encoder.downsamples.1.downsamples.1.time_conv.weight",
             "decoder.upsamples.0.upsamples.2.time_conv.weight", "decoder.upsamples.2.upsamples.0.shortcut.weight",
             "decoder.upsamples.3.upsamples.1.residual.6.bias"} <= keys22
 
@@ -535,7 +540,8 @@ def test_convert_writes_a_loadable_diffusers_layout(a14b, tmp_path):
     pipe = WanPipeline.from_pretrained(str(out))
     assert isinstance(pipe.scheduler, UniPCMultistepScheduler)
     sc = pipe.scheduler.config
-    assert (sc.flow_shift, sc.prediction_type, sc.use_flow_sigmas, sc.num_train_timesteps) == (12.0, "flow_prediction", True, 1000)
+    got = (sc.flow_shift, sc.prediction_type, sc.use_flow_sigmas, sc.num_train_timesteps)
+    assert got == (12.0, "flow_prediction", True, 1000)
     assert pipe.config.boundary_ratio == 0.875 and pipe.transformer_2 is not None
 
     ref = load_components(diff_dir)
@@ -543,7 +549,9 @@ def test_convert_writes_a_loadable_diffusers_layout(a14b, tmp_path):
     for name in ("transformer", "transformer_2", "vae", "text_encoder"):
         assert_same_weights(getattr(ref, name), getattr(conv, name))
     assert conv.default_shift == 12.0
-    sched = lambda: UniPCMultistepScheduler.from_config(sc)
+    def sched():
+        return UniPCMultistepScheduler.from_config(sc)
+
     a = run_latents(ref, scheduler=sched())
     kw = dict(prompt="a red fox in the snow", negative_prompt="blurry", height=32, width=32, num_frames=5,
               num_inference_steps=4, guidance_scale=3.0, output_type="latent", max_sequence_length=16)
@@ -555,7 +563,8 @@ def test_convert_writes_a_loadable_diffusers_layout(a14b, tmp_path):
     assert main(["convert", "--ckpt_dir", str(orig_dir), "--output", str(kept)]) == 0
     te = json.loads((kept / "text_encoder" / "config.json").read_text())
     assert te.get("dtype", te.get("torch_dtype")) == "bfloat16"
-    assert load_file(str(next((kept / "transformer").glob("*.safetensors"))))["patch_embedding.weight"].dtype == torch.float32
+    shard = next((kept / "transformer").glob("*.safetensors"))
+    assert load_file(str(shard))["patch_embedding.weight"].dtype == torch.float32
     with pytest.raises(UserError, match="not an empty folder; remove it or pass a new --output"):
         convert(orig_dir, kept)
     assert main(["convert", "--ckpt_dir", str(orig_dir), "--output", str(kept)]) == 2
@@ -678,7 +687,9 @@ def _official_t5_forward(sd: dict, ids: torch.Tensor, mask: torch.Tensor, *, max
     sd = {k: v.float() for k, v in sd.items()}
     b, n = ids.shape
     x = sd["token_embedding.weight"][ids]
-    norm = lambda t, w: w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+    def norm(t, w):
+        return w * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+
     num_buckets, heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
     rel = torch.arange(n)[None, :] - torch.arange(n)[:, None]  # key - query
     half = num_buckets // 2

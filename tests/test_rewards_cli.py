@@ -37,7 +37,8 @@ def _videos(n=2, seed=0):
 
 
 def test_reward_spec_parses_builtins_weights_and_plugins():
-    assert parse_reward_spec("brightness:0.5, reward_plugins:dark") == [("brightness", 0.5), ("reward_plugins:dark", 1.0)]
+    want = [("brightness", 0.5), ("reward_plugins:dark", 1.0)]
+    assert parse_reward_spec("brightness:0.5, reward_plugins:dark") == want
     assert parse_reward_spec("reward_plugins:Pair:2") == [("reward_plugins:Pair", 2.0)]
     with pytest.raises(UserError, match="unknown reward 'brightnes'"):
         parse_reward_spec("brightnes")

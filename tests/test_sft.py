@@ -72,7 +72,8 @@ def test_a_sample_trains_only_the_expert_that_owns_its_noise_level(tiny_componen
     c = copy.deepcopy(tiny_components)
     cfg = SFTConfig(task="tiny", lora_rank=0, learning_rate=1e-3, sample_shift=5.0, caption_dropout=0.0)
     policy = build_policy(c, cfg, device=torch.device("cpu"))
-    before = {n: {k: v.clone() for k, v in getattr(c, n).state_dict().items()} for n in ("transformer", "transformer_2")}
+    before = {n: {k: v.clone() for k, v in getattr(c, n).state_dict().items()}
+              for n in ("transformer", "transformer_2")}
     denoiser = MoEDenoiser(c, guidance_scale=1.0)
     x0 = torch.randn(4, 16, 1, 4, 4)
 
@@ -141,3 +142,23 @@ def test_bad_sft_input(tmp_path, capsys):
         assert main(["sft", *TINY, "--save_dir", str(tmp_path / "x"), *args]) == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_high_noise_share_moves_samples_between_experts_only(tmp_path, capsys):
+    from wan_grpo.sft.loss import expert_balanced_timesteps
+
+    gens = [torch.Generator().manual_seed(i) for i in range(2000)]
+    t = expert_balanced_timesteps(gens, shift=3.0, boundary=0.875, high_share=0.5)
+    high, low = t[:1000].double(), t[1000:].double()
+    assert bool((high >= 0.875).all() and (high < 1).all() and (low < 0.875).all() and (low >= 0).all())
+    # within each range, the shifted density restricted to it: P(t < x | range) from the unshifted CDF
+    u_b = unshift_sigma(0.875, 3.0)
+    for x in (0.2, 0.5, 0.8):
+        assert float((low < x).double().mean()) == pytest.approx(unshift_sigma(x, 3.0) / u_b, abs=0.04)
+    assert float((high < 0.95).double().mean()) == pytest.approx(
+        (unshift_sigma(0.95, 3.0) - u_b) / (1 - u_b), abs=0.04)
+    _, rows = sft(tmp_path, "share", *SHAPES, "--max_steps", "3", "--lora_rank", "0", "--high_noise_share", "0.25")
+    assert [(r["samples_high"], r["samples_low"]) for r in rows] == [(2, 6)] * 3
+    assert main(["sft", "--save_dir", str(tmp_path / "one"), *SHAPES, "--max_steps", "1", "--train_experts", "high",
+                 "--high_noise_share", "0.5"]) == 2
+    assert "--high_noise_share" in capsys.readouterr().err

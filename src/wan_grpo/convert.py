@@ -29,7 +29,8 @@ def _resolve_dtype(dtype) -> torch.dtype | None:
         return dtype
     if dtype in DTYPE_NAMES:
         return DTYPE_NAMES[dtype]
-    raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)} (or leave it unset to keep the stored dtypes)")
+    raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_NAMES)} (or leave it unset to keep the "
+                    "stored dtypes)")
 
 
 def _check_output(output: Path) -> None:

@@ -176,7 +176,8 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             noise_seeds=noise_seeds[mine], config=run.sampler, micro_batch=cfg.rollout_batch_size,
             storage_dtype=torch.bfloat16 if cfg.trajectory_dtype == "bf16" else torch.float32,
             storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update, image=image)
-    final = traj.final_latents if image is None else image.keep_generated(traj.final_latents.float())  # exact kept frame
+    # the conditioning frame is kept exactly
+    final = traj.final_latents if image is None else image.keep_generated(traj.final_latents.float())
     videos = list(decode_latents(run.components.vae, final))
     t1 = time.perf_counter()
 
@@ -305,7 +306,8 @@ def setup(cfg: TrainConfig) -> Run:
     shape_one = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
     patch = components.any_transformer.config.patch_size
     context_parallel.check_model(cfg.ulysses_size, heads=components.any_transformer.config.num_attention_heads,
-                                 tokens=shape_one[2] // patch[0] * (shape_one[3] // patch[1]) * (shape_one[4] // patch[2]))
+                                 tokens=(shape_one[2] // patch[0]) * (shape_one[3] // patch[1])
+                                 * (shape_one[4] // patch[2]))
     if info.is_main:
         prepare_save_dir(save_dir)
         (save_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

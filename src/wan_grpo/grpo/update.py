@@ -206,7 +206,7 @@ def _optimizer_step(policy, placement) -> None:
     if placement is None or not placement.enabled:
         policy.optimizer.step()
         return
-    for idx, params in policy.params.items():
+    for idx in policy.params:
         placement.activate(idx)
         others = [p for j, ps in policy.params.items() if j != idx for p in ps]
         stashed = [p.grad for p in others]

@@ -150,7 +150,8 @@ def _expert_config(expert_dir: Path) -> dict:
         raise UserError(f"{path} lacks {', '.join(absent)}; re-download it from the Wan-AI repository")
     if cfg["model_type"] not in OFFICIAL:
         raise UserError(
-            f"{path} has model_type {cfg['model_type']!r}; this loader knows {', '.join(OFFICIAL)} (Wan2.2 T2V/I2V/TI2V)"
+            f"{path} has model_type {cfg['model_type']!r}; this loader knows {', '.join(OFFICIAL)} "
+            "(Wan2.2 T2V/I2V/TI2V)"
         )
     if cfg["dim"] % cfg["num_heads"]:
         raise UserError(f"{path}: dim {cfg['dim']} is not divisible by num_heads {cfg['num_heads']}")
@@ -198,10 +199,12 @@ def inspect_original(root: str | Path) -> dict:
         raise UserError(f"{root}: the experts disagree on model_type ({', '.join(sorted(types))}); re-download")
     model_type = types.pop()
     if model_type == "ti2v" and len(experts) != 1:
-        raise UserError(f"{root}: model_type ti2v is a single dense model, but {HIGH_NOISE_DIR}/ and {LOW_NOISE_DIR}/ exist")
+        raise UserError(f"{root}: model_type ti2v is a single dense model, but {HIGH_NOISE_DIR}/ and "
+                        f"{LOW_NOISE_DIR}/ exist")
     if model_type != "ti2v" and len(experts) != 2:
         raise UserError(
-            f"{root}: model_type {model_type} needs {HIGH_NOISE_DIR}/ and {LOW_NOISE_DIR}/, found config.json at the root"
+            f"{root}: model_type {model_type} needs {HIGH_NOISE_DIR}/ and {LOW_NOISE_DIR}/, found config.json at "
+            "the root"
         )
     official = OFFICIAL[model_type]
     vae = root / official["vae"]
@@ -458,7 +461,8 @@ def t5_config(sd: dict, source: Path):
         ) from exc
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if inner % num_heads or layers != set(range(len(layers))):
-        raise UserError(f"{source}: inconsistent T5 shapes (attention {inner} over {num_heads} heads, layers {sorted(layers)})")
+        raise UserError(f"{source}: inconsistent T5 shapes (attention {inner} over {num_heads} heads, "
+                        f"layers {sorted(layers)})")
     return UMT5Config(
         vocab_size=int(vocab),
         d_model=int(d_model),
@@ -491,7 +495,8 @@ def load_t5(path: str | Path, *, dtype: torch.dtype | None = torch.float32):
     model = _empty(UMT5EncoderModel, config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tied = ("encoder.embed_tokens.weight",)  # tied to shared.weight (the official token_embedding)
-    _check_keys(path, "UMT5 text encoder", expected, {k: (o, tuple(sd[o].shape)) for k, o in names.items()}, optional=tied)
+    found = {k: (o, tuple(sd[o].shape)) for k, o in names.items()}
+    _check_keys(path, "UMT5 text encoder", expected, found, optional=tied)
     keep = []
     if dtype == torch.float16:
         keep += list(getattr(model, "_keep_in_fp32_modules", None) or [])
@@ -636,7 +641,8 @@ def vae22_config(sd: dict, source: Path) -> dict:
     if patch * patch * 3 != in_channels:
         raise UserError(f"{source}: {in_channels} input channels is not 3 x patch^2; not a Wan2.2 VAE")
     if z_dim != len(WAN22_LATENTS_MEAN):
-        raise UserError(f"{source}: z_dim {z_dim}; the Wan2.2 VAE latent tables have {len(WAN22_LATENTS_MEAN)} channels")
+        raise UserError(f"{source}: z_dim {z_dim}; the Wan2.2 VAE latent tables have {len(WAN22_LATENTS_MEAN)} "
+                        "channels")
     return {
         "base_dim": base,
         "decoder_base_dim": dec_base,
@@ -711,7 +717,8 @@ def load_original_components(
     if load_text_encoder:
         tok_dir = Path(layout["tokenizer"])
         if not tok_dir.is_dir():
-            raise UserError(f"{tok_dir} is missing; download the {TOKENIZER_DIR} tokenizer folder of the Wan-AI repository")
+            raise UserError(f"{tok_dir} is missing; download the {TOKENIZER_DIR} tokenizer folder of the Wan-AI "
+                            "repository")
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         te_dtype = dtype if text_encoder_dtype is None else text_encoder_dtype
         text_encoder = load_t5(layout["text_encoder"], dtype=te_dtype)

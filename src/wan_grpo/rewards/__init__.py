@@ -1,8 +1,9 @@
 """Reward selection: ``--reward NAME[:WEIGHT],...`` with built-ins, ``videoalign`` and plug-ins.
 
-``shapes`` is the Shapes task's verifier (wan_grpo.tasks.shapes). A plug-in is ``module.path:callable``: a function ``fn(videos, prompts, *, fps)`` (or a class
-instantiated with no arguments whose instances are such callables) returning a float tensor (N,)
-or a dict of named components. Every component is logged; the total reward is the weighted sum.
+``shapes`` is the Shapes task's verifier (wan_grpo.tasks.shapes). A plug-in is
+``module.path:callable``: a function ``fn(videos, prompts, *, fps)`` (or a class instantiated with
+no arguments whose instances are such callables) returning a float tensor (N,) or a dict of named
+components. Every component is logged; the total reward is the weighted sum.
 """
 
 from __future__ import annotations

@@ -25,4 +25,9 @@ class SFTConfig(PolicyConfig):
                                  ge=1)
     caption_dropout: float = opt(0.1, "Fraction of samples trained with the negative (empty) prompt, so the model "
                                       "also learns the unconditional velocity that CFG needs.", ge=0, le=1)
+    high_noise_share: float | None = opt(None, "Share of each batch whose noise level is drawn in the high-noise "
+                                               "expert's range (t >= boundary), the shifted density kept within "
+                                               "each range; two-expert models with both experts trained. Default: "
+                                               "the density's own share (0.3 at shift 3, boundary 0.875).",
+                                         ge=0, le=1)
     save_dir: str = opt("./sft_checkpoints", "Run directory: metrics, checkpoints, config.yaml.")

@@ -27,6 +27,8 @@ def sample_timesteps(generators: list[torch.Generator], *, shift: float, lo: flo
     """(B,) float32 noise levels, one per generator, from the shifted density restricted to the
     levels in [lo, hi) (e.g. one expert's range), by inverting the shift of a uniform draw."""
     u_lo, u_hi = unshift_sigma(lo, shift), unshift_sigma(hi, shift)
+    if not generators:
+        return torch.zeros(0)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
     return shift_sigma(u_lo + (u_hi - u_lo) * u, shift).float()
 
@@ -40,3 +42,13 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tens
 def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """(B,) mean over latent elements of ||v - (noise - x0)||^2."""
     return ((velocity.float() - (noise - x0).float()) ** 2).flatten(1).mean(dim=1)
+
+
+def expert_balanced_timesteps(generators: list[torch.Generator], *, shift: float, boundary: float,
+                              high_share: float) -> torch.Tensor:
+    """(B,) noise levels: the first round(high_share * B) in the high-noise expert's range [boundary, 1),
+    the rest in [0, boundary), each from the shifted density restricted to its range. The experts are
+    separate networks, so this moves samples between them without changing what either one learns."""
+    n_high = round(high_share * len(generators))
+    return torch.cat([sample_timesteps(generators[:n_high], shift=shift, lo=boundary, hi=1.0),
+                      sample_timesteps(generators[n_high:], shift=shift, lo=0.0, hi=boundary)])

@@ -42,7 +42,7 @@ from wan_grpo.runtime import encode_all, load_model, place, resolve_config
 from wan_grpo.seeding import TRAIN_NOISE, sample_seed, seed_everything, stream
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.data import load_dataset
-from wan_grpo.sft.loss import flow_matching_loss, noised, sample_timesteps
+from wan_grpo.sft.loss import expert_balanced_timesteps, flow_matching_loss, noised, sample_timesteps
 
 log = logging.getLogger("wan_grpo")
 
@@ -77,6 +77,9 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     seed_everything(cfg.seed)
     cfg, info = resolve_config(cfg)
     trained = train_expert_indices(cfg.train_experts, (info.has_high, info.has_low))
+    if cfg.high_noise_share is not None and len(trained) != 2:
+        raise UserError("--high_noise_share splits batches between two trained experts; this run trains "
+                        f"{', '.join(EXPERT_NAMES[e] for e in trained)}: drop the flag")
     save_dir = Path(cfg.save_dir)
     resume = resolve_resume(cfg.resume, save_dir)
     if resume is not None:
@@ -159,7 +162,11 @@ def sft_step(denoiser, policy, x0: torch.Tensor, captions: list[str], cache, neg
              lo: float, hi: float, device) -> dict:
     """One optimizer step on a batch of clean latents ``x0`` (B, z, F', H', W'); returns its metrics."""
     gens = [stream(sample_seed(cfg.seed, step, j), TRAIN_NOISE) for j in range(len(x0))]
-    t = sample_timesteps(gens, shift=cfg.sample_shift, lo=lo, hi=hi)  # (B,)
+    if cfg.high_noise_share is None:
+        t = sample_timesteps(gens, shift=cfg.sample_shift, lo=lo, hi=hi)  # (B,)
+    else:
+        t = expert_balanced_timesteps(gens, shift=cfg.sample_shift, boundary=denoiser.boundary_ratio,
+                                      high_share=cfg.high_noise_share)
     noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g) for g in gens])
     dropped = [bool(torch.rand(1, generator=g) < cfg.caption_dropout) for g in gens]
     cond = torch.cat([neg if d else cache.get([c]) for c, d in zip(captions, dropped)])

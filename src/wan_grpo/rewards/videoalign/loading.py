@@ -118,7 +118,8 @@ def load_base_weights(model: VideoRewardModel, base: Path) -> None:
         unexpected |= set(result.unexpected_keys)
         seen |= set(part) - unexpected
         del part
-    allowed = {"rm_head.weight"} | ({"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set())
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    allowed = {"rm_head.weight"} | ({"lm_head.weight"} if tied else set())
     _check_keys(set(model.state_dict()) - seen - allowed, unexpected, str(base))
 
 

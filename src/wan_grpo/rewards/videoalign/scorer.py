@@ -72,7 +72,8 @@ class VideoAlignReward:
         for i, it in enumerate(items):
             ids[i, :len(it["input_ids"])] = it["input_ids"]
             mask[i, :len(it["input_ids"])] = 1
-        return {"input_ids": ids, "attention_mask": mask, "pixel_values_videos": torch.cat([it["pixels"] for it in items]),
+        return {"input_ids": ids, "attention_mask": mask,
+                "pixel_values_videos": torch.cat([it["pixels"] for it in items]),
                 "video_grid_thw": torch.stack([it["grid"] for it in items])}
 
     @torch.no_grad()

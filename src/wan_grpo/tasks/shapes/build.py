@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae_steps", type=int, default=1200)
     parser.add_argument("--sft_steps", type=int, default=2000)
     parser.add_argument("--sft_lr", type=float, default=2e-3)
+    parser.add_argument("--high_noise_share", type=float, default=None,
+                        help="sft --high_noise_share (default: the shifted density's own share).")
+    parser.add_argument("--videos_per_prompt", type=int, default=1)
     parser.add_argument("--vae_from", help="Reuse the trained VAE of an earlier build (its work/init folder).")
     parser.add_argument("--save_interval", type=int, default=0, help="Also keep SFT checkpoints every N steps.")
     args = parser.parse_args(argv)
@@ -189,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(sft_dir, ignore_errors=True)
     run_sft(SFTConfig(ckpt_dir=str(init), task="shapes", dataset="shapes", lora_rank=0, learning_rate=args.sft_lr,
                       weight_decay=0.0, warmup_steps=100, lr_schedule="cosine", max_steps=args.sft_steps, batch_size=32,
-                      train_batch_size=32, videos_per_prompt=1, caption_dropout=0.1, save_dir=str(sft_dir), save_interval=args.save_interval,
+                      train_batch_size=32, videos_per_prompt=args.videos_per_prompt, caption_dropout=0.1,
+                      high_noise_share=args.high_noise_share, save_dir=str(sft_dir),
+                      save_interval=args.save_interval,
                       tensorboard=False, log_interval=100, seed=SEED))
     final = sft_dir / f"checkpoint-{args.sft_steps}"
     assembled = out.with_name(f".{out.name}.tmp")
