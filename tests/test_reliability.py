@@ -214,4 +214,6 @@ def test_300_steps_do_not_grow_memory_or_open_files(tmp_path):
     # peaks against peaks: a checkpoint write or a sample video briefly holds more
     rss_early, rss_late = max(r for r, _ in early), max(r for r, _ in late)
     assert rss_late < 1.05 * rss_early, (rss_early, rss_late)
-    assert max(f for _, f in late) <= max(f for _, f in early), samples
+    # a leak raises the floor; a file open at the moment of a sample (a checkpoint, a video) does not
+    assert min(f for _, f in late) <= min(f for _, f in early), samples
+    assert max(f for _, f in late) <= max(f for _, f in early) + 2, samples

@@ -89,7 +89,7 @@ def test_expert_split_per_shift(tiny_components):
     from wan_grpo.runtime import describe_split
 
     c = copy.copy(tiny_components)
-    # REFERENCE.md: 40 UniPC steps at shift 12 give the high-noise expert 26 steps, at shift 3 only 13
+    # 40 UniPC steps at shift 12 give the high-noise expert 26 steps, at shift 3 only 13
     assert "26 high-noise + 14 low-noise" in describe_split(c, steps=40, shift=12.0, solver="unipc")
     assert "13 high-noise + 27 low-noise" in describe_split(c, steps=40, shift=3.0, solver="unipc")
     # the Euler/SDE schedule (FlowMatchEulerDiscreteScheduler) ends at a smaller sigma: one step fewer

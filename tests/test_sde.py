@@ -1,4 +1,4 @@
-"""sde_step against float64 references of REFERENCE.md section 3, and its sampling statistics."""
+"""sde_step against float64 references of docs/math.md, and its sampling statistics."""
 
 import math
 

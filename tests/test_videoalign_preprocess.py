@@ -15,7 +15,7 @@ from wan_grpo.rewards.videoalign.preprocess import (
 
 
 @pytest.mark.parametrize("total,fps,expected", [
-    (40, 16, 4),     # 40/16*2 = 5.0 -> round half to even -> 4 (REFERENCE's example)
+    (40, 16, 4),     # 40/16*2 = 5.0 -> round half to even -> 4 (qwen-vl-utils' rounding)
     (44, 16, 6),     # 5.5 -> 6
     (81, 16, 10),    # Wan2.2 A14B: 10.125 -> 10
     (121, 24, 10),   # TI2V-5B: 10.08 -> 10

@@ -37,7 +37,7 @@ log = logging.getLogger("wan_grpo")
 
 @dataclass
 class EvalConfig(RewardConfig, ModelConfig):
-    prompts: str | None = opt(None, "Evaluation prompts (.txt or .jsonl). Default: the design sketch's five.")
+    prompts: str | None = opt(None, "Evaluation prompts (.txt or .jsonl). Default: the five built-in prompts of train.")
     lora: str | None = opt(None, "A train checkpoint folder (checkpoint-<step>) whose LoRA or full weights are "
                                  "applied to the experts it contains.")
     save_dir: str = opt("./eval", "Output folder: eval.json, eval.csv, videos/, and compare files.")

@@ -1,4 +1,5 @@
-"""``wan-grpo train`` settings: the design sketch's flags (same names and meanings) plus ours; the
+"""``wan-grpo train`` settings: flags named as in the official Wan2.2 generate.py where they mean the
+same (--ckpt_dir, --size, --frame_num, --offload_model, --t5_cpu, --dit_fsdp, ...) plus ours; the
 policy, optimizer and checkpoint fields are shared with ``wan-grpo sft``."""
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class PolicyConfig(ModelConfig):
 class TrainConfig(RewardConfig, PolicyConfig):
     # Data
     prompts: str | None = opt(None, "Prompt file: .txt (one per line) or .jsonl with a 'prompt' field. "
-                                    "Default: the design sketch's five prompts.")
+                                    "Default: five built-in prompts (a cat in snow, a sunset, ...).")
     num_epochs: int = opt(5, "Passes over the prompt set.", ge=1)
     batch_size: int = opt(1, "Prompts per rollout.", ge=1)
     num_generations: int = opt(8, "Videos sampled per prompt (the GRPO group size).", ge=2)
@@ -69,8 +70,8 @@ class TrainConfig(RewardConfig, PolicyConfig):
     optimizer_steps_per_rollout: int = opt(1, "Optimizer steps per rollout (1: the rollout is one step).", ge=1)
     train_batch_size: int = opt(4, "Transitions (sample, step) per forward/backward micro-batch.", ge=1)
     # Distributed (README "Many GPUs")
-    t5_fsdp: bool = opt(False, "Accepted for the design sketch's command lines: the text encoder runs once per "
-                               "distinct prompt and is freed, so there is nothing to shard.")
+    t5_fsdp: bool = opt(False, "Accepted for command lines written for Wan2.2's generate.py: the text encoder "
+                               "runs once per distinct prompt and is freed, so there is nothing to shard.")
     ulysses_size: int = opt(1, "Ulysses sequence parallelism: split each video's tokens over this many ranks "
                                "(diffusers context parallelism; CUDA only, needs --dit_fsdp). Must divide the "
                                "process count, the attention heads and the tokens per video.", ge=1)

@@ -11,7 +11,7 @@ import torch
 from wan_grpo.errors import UserError
 from wan_grpo.video import check_image_file
 
-# The design sketch's defaults, used when no --prompts file is given.
+# Used when no --prompts file is given.
 DEFAULT_PROMPTS = [
     "A cat walking in snow",
     "A beautiful sunset over the ocean",

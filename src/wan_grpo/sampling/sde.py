@@ -1,6 +1,6 @@
 """One stochastic step of a flow-matching sampler, with the exact Gaussian log-density.
 
-Notation (REFERENCE.md section 3): x are the latents at noise level s (1 = noise, 0 = data),
+Notation (docs/math.md): x are the latents at noise level s (1 = noise, 0 = data),
 s' < s the next level, dt = s' - s < 0, v the (CFG-combined) velocity, a the noise level.
 
 Every kind defines x' = mean + std * eps with eps ~ N(0, I), so the log-prob of a recorded

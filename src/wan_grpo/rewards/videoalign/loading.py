@@ -1,4 +1,4 @@
-"""Load a released VideoReward directory (REFERENCE.md section 4) into a ready-to-score model.
+"""Load a released VideoReward directory (model_config.json + checkpoint-*/) into a ready-to-score model.
 
 Layout: ``model_config.json`` (data_config, model_config, peft_lora_config, inference_config) and
 ``checkpoint-<step>/`` holding either ``model.pth`` (the whole PEFT state dict, LoRA unmerged, in
@@ -104,7 +104,7 @@ def load_base_weights(model: VideoRewardModel, base: Path) -> None:
     """The base's safetensors shards, one at a time, in either key layout; only rm_head may be missing.
 
     (transformers' from_pretrained on a subclass does not remap the hub's old names and would leave
-    the LLM randomly initialised: REFERENCE.md section 4.)
+    the LLM randomly initialised.)
     """
     from safetensors.torch import load_file
 

@@ -1,6 +1,6 @@
 """VideoAlign's video preprocessing on in-memory frames: no temp mp4s, no torchvision.
 
-Follows the official inference (qwen-vl-utils as VideoAlign configures it, REFERENCE.md section 4):
+Follows the official inference (qwen-vl-utils as VideoAlign configures it):
 frames sampled at 2 fps from the source fps (count clamped to [4, min(768, total)], then rounded
 half-to-even to a multiple of 2, indices evenly spaced and rounded); each frame resized with
 smart_resize (factor 28, pixels within [100352, max_pixels]) by bicubic interpolation with
