@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from test_cli_errors import run_cli
 
 from wan_grpo.cli import main
 from wan_grpo.grpo.metrics import read_metrics
@@ -14,11 +15,7 @@ from wan_grpo.video import write_mp4
 
 
 def one_line(capsys, args) -> str:
-    try:
-        rc = main(args)
-    except SystemExit as exc:
-        rc = exc.code
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wan-grpo")]
+    rc, err = run_cli(capsys, args)
     assert rc == 2 and len(err) == 1, (rc, err)
     return err[0]
 
