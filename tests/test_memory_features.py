@@ -248,3 +248,15 @@ def test_gradient_checkpointing_flag_parses_to_none_true_false():
     for argv, expected in (([], None), (["--gradient_checkpointing"], True),
                            (["--gradient_checkpointing", "false"], False)):
         assert build_config(TrainConfig, parser.parse_args(argv)).gradient_checkpointing is expected
+
+
+def test_batched_decode_of_a_video_does_not_depend_on_its_batch_mates():
+    """decode_latents pads a short last batch, so every call has the same shape and each video's
+    pixels are the same whatever videos share its call (or how many processes split the rollout)."""
+    vae = build_tiny_components(0).vae
+    latents = torch.randn(5, 16, 2, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref = decode_latents(vae, latents, micro_batch=4)  # calls of [0, 1, 2, 3] and [4 + 3 pads]
+    assert ref.shape == (5, 5, 64, 64, 3)
+    order = torch.tensor([4, 2, 0, 3, 1])
+    assert torch.equal(decode_latents(vae, latents[order], micro_batch=4), ref[order])
+    assert torch.equal(decode_latents(vae, latents[3:4], micro_batch=4), ref[3:4])  # a rank holding one video

@@ -61,6 +61,10 @@ class TrainConfig(RewardConfig, PolicyConfig):
                                        "Euler elsewhere (Flow-GRPO-Fast, MixGRPO). Default: all steps.")
     share_noise: bool = opt(False, "Same initial noise for every sample of a group (DanceGRPO).")
     rollout_batch_size: int = opt(0, "Samples per model call in rollouts (0: all at once).", ge=0)
+    decode_batch_size: int | None = opt(None, "Videos per VAE decode call after a rollout. Default: the preset's "
+                                              "(1; 16 for shapes). A short last batch is padded, so a video's "
+                                              "pixels never depend on its batch-mates (or the process count).",
+                                        ge=1)
     trajectory_dtype: str = opt("fp32", "dtype of stored trajectory latents.", choices=("fp32", "bf16"))
     trajectory_on_cpu: bool = opt(False, "Keep stored trajectories in CPU memory.")
     # Policy update

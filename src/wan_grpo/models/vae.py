@@ -15,13 +15,18 @@ def latent_stats(vae, *, device=None, dtype=None) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor, *, micro_batch: int = 1) -> torch.Tensor:
-    """(B, z, F', H', W') latents -> (B, F, H, W, 3) uint8 frames on CPU."""
+    """(B, z, F', H', W') latents -> (B, F, H, W, 3) uint8 frames on CPU, ``micro_batch`` videos per
+    decode call. Every call has that batch shape (a short last chunk is padded): convolution kernels
+    are chosen by shape, so a video's pixels then never depend on which videos share its call."""
     device = next(vae.parameters()).device
     mean, std = latent_stats(vae, device=device, dtype=vae.dtype)
     videos = []
-    for chunk in latents.split(max(1, micro_batch)):
+    for chunk in latents.split(micro_batch):
+        n = len(chunk)
+        if n < micro_batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(micro_batch - n, *chunk.shape[1:])])
         x = chunk.to(device, vae.dtype) * std + mean
-        video = vae.decode(x, return_dict=False)[0]  # (b, 3, F, H, W) in [-1, 1]
+        video = vae.decode(x, return_dict=False)[0][:n]  # (n, 3, F, H, W) in [-1, 1]
         video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         videos.append(video.permute(0, 2, 3, 4, 1).cpu())
     return torch.cat(videos)
