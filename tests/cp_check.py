@@ -5,6 +5,7 @@ single-process forward, and that FSDP's averaged gradients times K equal the sin
 """
 
 
+import cpu_context_parallel  # noqa: F401  (diffusers' Ulysses on CPU)
 import torch
 import torch.distributed as dist
 

@@ -16,9 +16,11 @@ COMMON = ["--task", "tiny", "--num_generations", "4", "--lora_rank", "0", "--lea
 TIMING = {"rollout_seconds", "reward_seconds", "train_seconds"}
 
 
-def torchrun(*args, nproc=2, timeout=240):
+def torchrun(*args, nproc=2, timeout=240, cpu_context_parallel=False):
+    # cpu_context_parallel: run the CLI through the test shim that lets diffusers' Ulysses run on CPU
+    entry = [str(Path(__file__).with_name("cpu_context_parallel.py"))] if cpu_context_parallel else ["-m", "wan_grpo"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "wan_grpo", "train", *args]
+           *entry, "train", *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)  # a hang fails, never blocks CI
     return out.returncode, out.stdout + out.stderr
 
@@ -139,7 +141,7 @@ def test_ulysses_training_equals_one_process(tmp_path, monkeypatch):
     gradient norms and weights."""
     monkeypatch.setenv("WAN_GRPO_CPU_CONTEXT_PARALLEL", "1")
     args = [*COMMON, "--max_steps", "2", "--save_interval", "1"]
-    rc, log = torchrun(*args, "--ulysses_size", "2", "--save_dir", str(tmp_path / "cp"))
+    rc, log = torchrun(*args, "--ulysses_size", "2", "--save_dir", str(tmp_path / "cp"), cpu_context_parallel=True)
     assert rc == 0, log[-3000:]
     assert "Ulysses: each video's tokens split over 2 ranks" in log
     assert main(["train", *args, "--save_dir", str(tmp_path / "one")]) == 0

@@ -171,7 +171,7 @@ def test_train_reads_the_plan_of_its_own_checkpoint(tiny_ckpt, tmp_path):
     memory estimate reads the folder's config instead of refusing the task."""
     import shutil
 
-    from wan_grpo.presets import TASK_KEY
+    from wan_grpo.specs import TASK_KEY
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_ckpt, folder)

@@ -33,7 +33,7 @@ from wan_grpo.models.components import WanComponents
 from wan_grpo.models.loading import inspect_checkpoint, load_components
 from wan_grpo.models.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, is_original_layout
 from wan_grpo.models.tiny import tiny_tokenizer
-from wan_grpo.presets import infer_task
+from wan_grpo.specs import infer_task
 
 TEXT_DIM = 32
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"

@@ -1,7 +1,7 @@
 """Typed configs. Each field is a CLI flag (``--name``) and a YAML key (``name``) with one help text.
 
 Flags override the YAML file given with ``--config``; unknown keys are an error that names the
-closest valid key. ``None`` defaults are filled from the model preset (see presets.py).
+closest valid key. ``None`` defaults are filled from the model preset (see specs.py).
 """
 
 from __future__ import annotations
@@ -106,13 +106,18 @@ class ModelConfig:
     vae_tiling: bool = opt(False, "VAE decodes (and encodes conditioning images) in overlapping spatial tiles "
                                   "(diffusers' enable_tiling: 256 px tiles, 192 px stride) to cut its memory; pixels "
                                   "near seams differ slightly.")
-    vae_slicing: bool = opt(False, "VAE decodes a batch one video at a time (diffusers' enable_slicing); wan-grpo "
-                                   "already decodes one video per call, so this only matters to custom callers.")
+    vae_slicing: bool = opt(False, "VAE decodes a batch one video at a time (diffusers' enable_slicing), whatever "
+                                   "--decode_batch_size.")
+
+
+LORA_HELP = ("A train or sft checkpoint folder (checkpoint-<step>) whose LoRA or full weights are applied to the "
+             "experts it contains.")
 
 
 @dataclass
 class SampleConfig(ModelConfig):
     prompt: str = opt("A cat walking in snow", "Text prompt.")
+    lora: str | None = opt(None, LORA_HELP)
     sample_solver: str = opt("unipc", "unipc (as WanPipeline), euler (ODE) or sde (stochastic).",
                              choices=("unipc", "euler", "sde"))
     image: str | None = opt(None, "Conditioning image (first frame): required by I2V-A14B, optional for TI2V-5B "

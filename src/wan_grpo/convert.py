@@ -2,7 +2,7 @@
 
 The output is what ``WanPipeline.save_pretrained`` (``WanImageToVideoPipeline`` for I2V) writes:
 model_index.json, transformer/ (+ transformer_2/ for A14B), vae/, text_encoder/, tokenizer/ and a
-scheduler/ holding UniPC in flow-prediction mode with the OFFICIAL shift (T2V 12.0, I2V/TI2V 5.0),
+scheduler/ holding UniPC in flow-prediction mode with the official shift (T2V 12.0, I2V/TI2V 5.0),
 not the 3.0 that the diffusers-format Wan-AI repos ship for A14B.
 """
 
@@ -58,7 +58,9 @@ def convert(
     """
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
-    from wan_grpo.models.original import OFFICIAL, inspect_original, is_original_layout, load_original_components
+    from wan_grpo.models.loading import load_components
+    from wan_grpo.models.original import inspect_original, is_original_layout
+    from wan_grpo.specs import PRESETS, infer_task
 
     root, output = Path(ckpt_dir), Path(output)
     dtype = _resolve_dtype(dtype)
@@ -78,15 +80,13 @@ def convert(
     _check_output(output)
     layout = inspect_original(root)  # validates every file before anything heavy is loaded
 
-    components = load_original_components(
-        root, dtype=dtype, vae_dtype=torch.float32, load_text_encoder=True, layout=layout
-    )
+    components = load_components(root, dtype=dtype, vae_dtype=torch.float32, load_text_encoder=True)
     model_type = layout["model_type"]
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
         num_train_timesteps=1000,
-        flow_shift=OFFICIAL[model_type]["shift"],
+        flow_shift=PRESETS[infer_task(layout)].shift,
     )
     cls = WanImageToVideoPipeline if model_type == "i2v" else WanPipeline
     pipe = cls(

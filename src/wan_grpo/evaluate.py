@@ -16,20 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import WanTransformer3DModel
 
-from wan_grpo.config import ModelConfig, opt, parse_size
+from wan_grpo.config import LORA_HELP, ModelConfig, opt, parse_size
 from wan_grpo.errors import UserError
+from wan_grpo.grpo.checkpoint import apply_checkpoint, check_trained_checkpoint
 from wan_grpo.grpo.data import load_prompt_records
-from wan_grpo.models.denoiser import EXPERT_DIRS, MoEDenoiser
+from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.presets import default_reward
 from wan_grpo.rewards import build_rewards
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import encode_all, load_model, place, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.seeding import seed_everything
+from wan_grpo.specs import default_reward
 from wan_grpo.video import write_mp4
 
 log = logging.getLogger("wan_grpo")
@@ -38,39 +38,11 @@ log = logging.getLogger("wan_grpo")
 @dataclass
 class EvalConfig(RewardConfig, ModelConfig):
     prompts: str | None = opt(None, "Evaluation prompts (.txt or .jsonl). Default: the five built-in prompts of train.")
-    lora: str | None = opt(None, "A train checkpoint folder (checkpoint-<step>) whose LoRA or full weights are "
-                                 "applied to the experts it contains.")
+    lora: str | None = opt(None, LORA_HELP)
     save_dir: str = opt("./eval", "Output folder: eval.json, eval.csv, videos/, and compare files.")
     num_samples: int = opt(1, "Videos per prompt (seeds seed + 1000 * prompt_index + k).", ge=1)
     eval_solver: str = opt("unipc", "Deterministic solver: unipc or euler.", choices=("unipc", "euler"))
     compare_to: str | None = opt(None, "An earlier eval folder (e.g. of the base model) to compare against.")
-
-
-def apply_checkpoint(components, ckpt: str | Path) -> list[str]:
-    """Load a train checkpoint's exported experts into ``components``; returns the experts changed."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_dir():
-        raise UserError(f"--lora {ckpt} does not exist; pass a checkpoint-<step> folder of a train run")
-    changed = []
-    for idx, sub in enumerate(EXPERT_DIRS):
-        folder = ckpt / sub
-        model = (components.transformer, components.transformer_2)[idx]
-        if not folder.is_dir():
-            continue
-        if model is None:
-            raise UserError(f"{folder} exists but this model has no {sub}; evaluate with the checkpoint's model")
-        if (folder / "pytorch_lora_weights.safetensors").is_file():
-            model.load_lora_adapter(str(folder), weight_name="pytorch_lora_weights.safetensors", prefix="transformer")
-        elif (folder / "config.json").is_file():
-            trained = WanTransformer3DModel.from_pretrained(folder, torch_dtype=model.dtype)
-            model.load_state_dict(trained.state_dict())
-        else:
-            raise UserError(f"{folder} holds neither pytorch_lora_weights.safetensors nor a model; pick a train "
-                            "checkpoint folder")
-        changed.append(sub)
-    if not changed:
-        raise UserError(f"--lora {ckpt} has no transformer/ or transformer_2/ folder; pass checkpoint-<step>")
-    return changed
 
 
 def stderr(values: list[float]) -> float:
@@ -128,10 +100,8 @@ def run_eval(cfg: EvalConfig) -> Path:
         raise UserError(f"--save_dir {out} is a file; pass a folder")
     prompts, images = load_prompt_records(cfg.prompts)
     base = json.loads(_eval_json(cfg.compare_to).read_text()) if cfg.compare_to else None
-    if cfg.lora and not Path(cfg.lora).is_dir():
-        raise UserError(f"--lora {cfg.lora} does not exist; pass a checkpoint-<step> folder of a train run")
-    if cfg.lora and not (Path(cfg.lora) / "training_state.pt").is_file():
-        raise UserError(f"--lora {cfg.lora} is not a train checkpoint (no training_state.pt); pass checkpoint-<step>")
+    if cfg.lora:
+        check_trained_checkpoint(cfg.lora)
     resolve_device(cfg.device)
     seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
     components, cfg, device, dtype = load_model(cfg)

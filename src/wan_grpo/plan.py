@@ -22,17 +22,9 @@ import torch
 from wan_grpo.config import ModelConfig, check_ranges, opt, parse_size
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.policy import lora_targets, train_expert_indices
-from wan_grpo.presets import PRESETS
+from wan_grpo.specs import ARCHITECTURES, PRESETS, Expert
 
 GIB = 2**30
-# Official DiT configs (Wan-Video/Wan2.2 wan/configs), in diffusers' WanTransformer3DModel terms.
-ARCH = {
-    "t2v-A14B": dict(num_attention_heads=40, attention_head_dim=128, in_channels=16, ffn_dim=13824, num_layers=40),
-    "i2v-A14B": dict(num_attention_heads=40, attention_head_dim=128, in_channels=36, ffn_dim=13824, num_layers=40),
-    "ti2v-5B": dict(num_attention_heads=24, attention_head_dim=128, in_channels=48, ffn_dim=14336, num_layers=30),
-}
-EXPERTS = {"t2v-A14B": 2, "i2v-A14B": 2, "ti2v-5B": 1}
-VAE_STRIDE = {"t2v-A14B": (4, 8, 8), "i2v-A14B": (4, 8, 8), "ti2v-5B": (4, 16, 16)}
 
 
 @dataclass
@@ -42,12 +34,6 @@ class PlanConfig(ModelConfig):
     train_experts: str = opt("high,low", "Experts trained: high, low, both (or high,low).")
     nproc: int = opt(1, "Processes sharding the experts with FSDP2 (--dit_fsdp); 1: no sharding.", ge=1)
     train_batch_size: int = opt(4, "Transitions per forward/backward micro-batch.", ge=1)
-
-
-def official_config(task: str) -> dict:
-    arch = ARCH[task]
-    return dict(patch_size=(1, 2, 2), out_channels=arch["in_channels"] if task == "ti2v-5B" else 16, text_dim=4096,
-                freq_dim=256, **arch)
 
 
 def count_parameters(config: dict, *, lora_rank: int, targets: list[str]) -> tuple[int, int]:
@@ -74,18 +60,18 @@ def checkpoint_architecture(ckpt_dir: str) -> tuple[str, dict, int]:
     """(task, expert config, experts) of a checkpoint folder, read from its config files only."""
     from diffusers import WanTransformer3DModel
 
-    from wan_grpo.models.loading import HIGH_NOISE_DIR, LOW_NOISE_DIR, checkpoint_info
+    from wan_grpo.models.loading import checkpoint_info
 
     info = checkpoint_info(ckpt_dir)
     experts = int(info.has_high) + int(info.has_low)
     root = Path(ckpt_dir)
-    sub = next((d for d in (HIGH_NOISE_DIR, LOW_NOISE_DIR) if (root / d / "config.json").is_file()), None)
+    sub = next((e.diffusers_dir for e in Expert if (root / e.diffusers_dir / "config.json").is_file()), None)
     if (root / "model_index.json").is_file() and sub is not None:
         config = {k: v for k, v in WanTransformer3DModel.load_config(str(root / sub)).items() if not k.startswith("_")}
         return info.task, config, experts
-    if info.task not in ARCH:
-        raise UserError(f"--ckpt_dir {ckpt_dir}: plan knows the architectures of {', '.join(ARCH)}")
-    return info.task, official_config(info.task), experts
+    if info.task not in ARCHITECTURES:
+        raise UserError(f"--ckpt_dir {ckpt_dir}: plan knows the architectures of {', '.join(ARCHITECTURES)}")
+    return info.task, ARCHITECTURES[info.task].dit_config(), experts
 
 
 def estimate(cfg: PlanConfig) -> dict:
@@ -96,15 +82,15 @@ def estimate(cfg: PlanConfig) -> dict:
             raise UserError(f"--task {cfg.task} does not match --ckpt_dir {cfg.ckpt_dir} (a {task}); drop --task")
     else:
         task = cfg.task or "t2v-A14B"
-        if task not in ARCH:
-            raise UserError(f"--task {task}: plan knows {', '.join(ARCH)} (or pass --ckpt_dir)")
-        config, n_experts = official_config(task), EXPERTS[task]
+        if task not in ARCHITECTURES:
+            raise UserError(f"--task {task}: plan knows {', '.join(ARCHITECTURES)} (or pass --ckpt_dir)")
+        config, n_experts = ARCHITECTURES[task].dit_config(), ARCHITECTURES[task].experts
     preset = PRESETS[task]
     width, height = parse_size(preset.size if cfg.size is None else cfg.size)
     frames = preset.frame_num if cfg.frame_num is None else cfg.frame_num
     n_trained = len(train_expert_indices(cfg.train_experts, (True, n_experts == 2)))
     targets = lora_targets(cfg.lora_target_modules)
-    ts, hs, ws = (VAE_STRIDE[task] if task in VAE_STRIDE else (1, 8, 8))
+    ts, hs, ws = ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (1, 8, 8)
     patch = config.get("patch_size", (1, 2, 2))
     if width < 1 or height < 1 or width % (ws * patch[2]) or height % (hs * patch[1]):
         raise UserError(f"--size {width}*{height} is not divisible by the VAE stride times patch size "

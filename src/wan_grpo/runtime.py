@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from wan_grpo.errors import UserError
-from wan_grpo.presets import PRESETS
+from wan_grpo.specs import PRESETS
 
 log = logging.getLogger("wan_grpo")
 
@@ -38,17 +38,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
-
-
-def cast_keeping_fp32(model, dtype: torch.dtype) -> None:
-    """Cast to ``dtype`` but keep the modules a diffusers model marks fp32-only in float32."""
-    if dtype == torch.float32:
-        return
-    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
-    # Name matching as diffusers' from_pretrained does it: a substring of the parameter's name.
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point():
-            tensor.data = tensor.data.to(torch.float32 if any(k in name for k in keep) else dtype)
 
 
 @dataclass
@@ -128,6 +117,7 @@ def resolve_config(cfg):
 
 def load_model(cfg, *, load_text_encoder: bool = True):
     """(components, cfg with every None default filled, device, dtype). The models stay on CPU until placed."""
+    from wan_grpo.models.files import cast_keeping_fp32
     from wan_grpo.models.loading import load_components
     from wan_grpo.models.tiny import build_tiny_components
 
@@ -162,7 +152,8 @@ def place(components, device: torch.device, *, offload_experts: bool = False) ->
 def _text_setup(cfg, components, dtype: torch.dtype) -> TextSetup:
     from functools import partial
 
-    from wan_grpo.models.text import files_identity, load_text_encoder, module_identity, text_encoder_paths
+    from wan_grpo.models.loading import load_tokenizer_and_encoder, text_encoder_paths
+    from wan_grpo.models.text import files_identity, module_identity
 
     setup = TextSetup(embedding_cache=cfg.embedding_cache, t5_cpu=cfg.t5_cpu)
     if cfg.embedding_cache is None:
@@ -172,7 +163,7 @@ def _text_setup(cfg, components, dtype: torch.dtype) -> TextSetup:
     else:
         setup.identity = f"files:{files_identity(list(text_encoder_paths(cfg.ckpt_dir)))}:{dtype}"
         if components.text_encoder is None:
-            setup.load = partial(load_text_encoder, cfg.ckpt_dir, dtype=dtype)
+            setup.load = partial(load_tokenizer_and_encoder, cfg.ckpt_dir, dtype=dtype)
     return setup
 
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from wan_grpo.config import SampleConfig, check_ranges, parse_size
+from wan_grpo.grpo.checkpoint import apply_checkpoint, check_trained_checkpoint
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_device
@@ -52,9 +53,13 @@ def run_sample(cfg: SampleConfig) -> Path:
         check_output_file(cfg.save_latents, "--save_latents")
     if cfg.image is not None:
         check_image_file(cfg.image, "--image")
+    if cfg.lora:
+        check_trained_checkpoint(cfg.lora)
     resolve_device(cfg.device)
     seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
     components, cfg, device, dtype = load_model(cfg)
+    if cfg.lora:
+        log.info("applied %s from %s", ", ".join(apply_checkpoint(components, cfg.lora)), cfg.lora)
     log.info("sampling %s with %s: %s, %d frames, %d %s steps, shift %.1f, guidance %.1f/%.1f",
              cfg.task, components.source, cfg.size, cfg.frame_num, cfg.sampling_steps, cfg.sample_solver,
              cfg.sample_shift, cfg.guidance_scale, cfg.guidance_scale_2)

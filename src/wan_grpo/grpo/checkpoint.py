@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from diffusers import WanTransformer3DModel
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -43,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
-from wan_grpo.models.denoiser import EXPERT_DIRS
+from wan_grpo.specs import Expert
 
 log = logging.getLogger("wan_grpo")
 
@@ -151,11 +152,11 @@ def _reason(error: BaseException) -> str:
 def _write_rank0_files(tmp: Path, final: Path, step: int, policy, gathered: dict, state: dict) -> None:
     """Exported experts, loop state and manifest into ``tmp``, then the rename into place."""
     for idx, expert in policy.experts.items():
-        prefix = f"{idx}."
+        prefix = f"{idx.label}."
         weights = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
-        _export_expert(expert, weights, tmp / EXPERT_DIRS[idx], lora=policy.lora)
+        _export_expert(expert, weights, tmp / idx.diffusers_dir, lora=policy.lora)
     payload = {**state, "step": step, "scheduler": policy.scheduler.state_dict(), "rng": rng_state(),
-               "lora": policy.lora, "experts": sorted(policy.experts)}
+               "lora": policy.lora, "experts": [int(e) for e in sorted(policy.experts)]}
     torch.save(payload, tmp / STATE_FILE)
     _test_pause()
     _write_json(tmp / MANIFEST, manifest(tmp))
@@ -301,3 +302,40 @@ def load_checkpoint(path: Path, policy) -> dict:
     policy.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+def check_trained_checkpoint(ckpt: str | Path) -> Path:
+    """``--lora``: a checkpoint-<step> folder of a train or sft run, checked before any model loads."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise UserError(f"--lora {ckpt} does not exist; pass a checkpoint-<step> folder of a train run")
+    if not (ckpt / STATE_FILE).is_file():
+        raise UserError(f"--lora {ckpt} is not a train checkpoint (no {STATE_FILE}); pass checkpoint-<step>")
+    return ckpt
+
+
+def apply_checkpoint(components, ckpt: str | Path) -> list[str]:
+    """Load a train or sft checkpoint's exported experts (LoRA or full) into ``components``; returns the
+    experts changed."""
+    ckpt = check_trained_checkpoint(ckpt)
+    changed = []
+    for expert in Expert:
+        sub = expert.diffusers_dir
+        folder = ckpt / sub
+        model = getattr(components, sub)
+        if not folder.is_dir():
+            continue
+        if model is None:
+            raise UserError(f"{folder} exists but this model has no {sub}; evaluate with the checkpoint's model")
+        if (folder / LORA_FILE).is_file():
+            model.load_lora_adapter(str(folder), weight_name=LORA_FILE, prefix="transformer")
+        elif (folder / "config.json").is_file():
+            trained = WanTransformer3DModel.from_pretrained(folder, torch_dtype=model.dtype)
+            model.load_state_dict(trained.state_dict())
+        else:
+            raise UserError(f"{folder} holds neither pytorch_lora_weights.safetensors nor a model; pick a train "
+                            "checkpoint folder")
+        changed.append(sub)
+    if not changed:
+        raise UserError(f"--lora {ckpt} has no transformer/ or transformer_2/ folder; pass checkpoint-<step>")
+    return changed

@@ -13,8 +13,8 @@ import torch
 from diffusers.training_utils import cast_training_params
 
 from wan_grpo.errors import UserError
-from wan_grpo.models.denoiser import EXPERT_DIRS, EXPERT_NAMES, HIGH, LOW
 from wan_grpo.seeding import lora_init_seed, seeded_global_rng
+from wan_grpo.specs import EXPERT_LABELS, Expert
 
 log = logging.getLogger("wan_grpo")
 
@@ -22,38 +22,35 @@ log = logging.getLogger("wan_grpo")
 def expert_names(spec: str) -> list[str]:
     """--train_experts as expert names: high, low, both, or a comma list of them (duplicates once)."""
     wanted = [w.strip() for w in str(spec).split(",") if w.strip()]
-    wanted = [n for w in wanted for n in (EXPERT_NAMES if w == "both" else (w,))]
-    if not wanted or any(w not in EXPERT_NAMES for w in wanted):
+    wanted = [n for w in wanted for n in (EXPERT_LABELS if w == "both" else (w,))]
+    if not wanted or any(w not in EXPERT_LABELS for w in wanted):
         raise UserError(f"--train_experts {spec!r}: use high, low, both or high,low")
     return list(dict.fromkeys(wanted))
 
 
-def train_expert_indices(spec: str, present: tuple[bool, bool]) -> list[int]:
-    """Indices (HIGH, LOW) of the experts to train, given which expert slots the model has."""
-    names = expert_names(spec)
-    if set(names) == set(EXPERT_NAMES):  # "both" on a dense model (TI2V-5B): its one transformer
-        names = [n for n in names if present[EXPERT_NAMES.index(n)]]
-    out = []
-    for name in names:
-        idx = EXPERT_NAMES.index(name)
-        if not present[idx]:
-            raise UserError(f"--train_experts {name}: this checkpoint has no {EXPERT_DIRS[idx]}; drop {name!r}")
-        out.append(idx)
-    return sorted(out)
+def train_expert_indices(spec: str, present: tuple[bool, bool]) -> list[Expert]:
+    """The experts to train, given which expert slots the model has."""
+    experts = [Expert.from_label(n) for n in expert_names(spec)]
+    if set(experts) == set(Expert):  # "both" on a dense model (TI2V-5B): its one transformer
+        experts = [e for e in experts if present[e]]
+    for e in experts:
+        if not present[e]:
+            raise UserError(f"--train_experts {e.label}: this checkpoint has no {e.diffusers_dir}; drop {e.label!r}")
+    return sorted(experts)
 
 
 @dataclass
 class Policy:
-    experts: dict[int, torch.nn.Module]  # trained experts by index (HIGH, LOW)
-    params: dict[int, list[torch.nn.Parameter]]
+    experts: dict[Expert, torch.nn.Module]  # the trained experts
+    params: dict[Expert, list[torch.nn.Parameter]]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     lora: bool
-    references: dict[int, torch.nn.Module] | None = None  # frozen copies for KL with full fine-tuning
+    references: dict[Expert, torch.nn.Module] | None = None  # frozen copies for KL with full fine-tuning
 
     def modules(self) -> torch.nn.ModuleDict:
-        """The trained experts under stable names ("0" high, "1" low), for state-dict utilities."""
-        return torch.nn.ModuleDict({str(i): e for i, e in self.experts.items()})
+        """The trained experts under their labels ("high", "low"), for state-dict utilities."""
+        return torch.nn.ModuleDict({i.label: e for i, e in self.experts.items()})
 
     @contextmanager
     def reference(self, denoiser):
@@ -152,14 +149,15 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
     params = {i: [p for p in e.parameters() if p.requires_grad] for i, e in experts.items()}
     for i, ps in params.items():
         if not ps:
-            raise UserError(f"no trainable parameters in the {EXPERT_NAMES[i]} expert; check --lora_target_modules")
-    lrs = {HIGH: cfg.learning_rate, LOW: cfg.learning_rate if cfg.learning_rate_2 is None else cfg.learning_rate_2}
-    groups = [{"params": params[i], "lr": lrs[i], "name": EXPERT_NAMES[i]} for i in indices]
+            raise UserError(f"no trainable parameters in the {i.label} expert; check --lora_target_modules")
+    low_lr = cfg.learning_rate if cfg.learning_rate_2 is None else cfg.learning_rate_2
+    lrs = {Expert.HIGH: cfg.learning_rate, Expert.LOW: low_lr}
+    groups = [{"params": params[i], "lr": lrs[i], "name": i.label} for i in indices]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, warmup=cfg.warmup_steps,
                                                                       schedule=cfg.lr_schedule, total=total_steps))
-    n_params = {EXPERT_NAMES[i]: sum(p.numel() for p in ps) for i, ps in params.items()}
-    log.info("training %s (%s), trainable parameters %s", ", ".join(EXPERT_NAMES[i] for i in indices),
+    n_params = {i.label: sum(p.numel() for p in ps) for i, ps in params.items()}
+    log.info("training %s (%s), trainable parameters %s", ", ".join(i.label for i in indices),
              f"LoRA r{cfg.lora_rank}" if lora else "full fine-tuning", n_params)
     return Policy(experts=experts, params=params, optimizer=optimizer, scheduler=scheduler, lora=lora,
                   references=references)

@@ -19,14 +19,13 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
-from wan_grpo.config import check_ranges, parse_size
+from wan_grpo.config import parse_size
 from wan_grpo.distributed import DistInfo, cleanup, context_parallel, gather_samples, init_distributed
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.advantages import best_of_n, group_advantages
@@ -37,87 +36,25 @@ from wan_grpo.grpo.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from wan_grpo.grpo.checks import check_schedule, parse_window, validate
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.data import PromptOrder, load_prompt_records
 from wan_grpo.grpo.metrics import MetricsWriter
-from wan_grpo.grpo.policy import Policy, build_policy, expert_names, lora_targets, train_expert_indices
+from wan_grpo.grpo.policy import Policy, build_policy
 from wan_grpo.grpo.preemption import Preempted, StopRequests
-from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions, transitions_per_sample
-from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW, MoEDenoiser, route
+from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
+from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.presets import default_reward
 from wan_grpo.rewards import RewardSet, build_rewards
 from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_config, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, plan_steps, rollout_groups
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
 from wan_grpo.seeding import sample_seed, seed_everything
+from wan_grpo.specs import EXPERT_LABELS, PRESETS, default_reward
 from wan_grpo.video import write_mp4
 
 log = logging.getLogger("wan_grpo")
-
-
-def parse_window(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        start, end = (int(x) for x in text.split(":"))
-    except ValueError:
-        raise UserError(f"--sde_window {text!r} is not START:END; write e.g. 0:8") from None
-    return start, end
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Checks that need nothing but the settings: before any process group, file or model."""
-    check_ranges(cfg)
-    if cfg.best_of_n and (cfg.best_of_n % 2 or cfg.best_of_n > cfg.num_generations):
-        raise UserError(f"--best_of_n {cfg.best_of_n} must be even and <= --num_generations ({cfg.num_generations})")
-    if cfg.noise_level == 0:
-        raise UserError("--noise_level 0 makes every step deterministic, so nothing can be trained; use e.g. 0.7 "
-                        "(flow) or 0.3 (dance)")
-    k = cfg.optimizer_steps_per_rollout
-    if cfg.max_steps % k:
-        lower, upper = cfg.max_steps // k * k, (cfg.max_steps // k + 1) * k
-        raise UserError(f"--max_steps {cfg.max_steps} is not a multiple of --optimizer_steps_per_rollout {k} (a "
-                        f"rollout's optimizer steps are never split); use {lower or upper} or {upper}")
-    parse_window(cfg.sde_window)
-    expert_names(cfg.train_experts)
-    if cfg.lora_rank > 0:
-        lora_targets(cfg.lora_target_modules)
-    if cfg.offload_model and (cfg.dit_fsdp or (cfg.kl_coef > 0 and cfg.lora_rank == 0)):
-        raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
-    if cfg.dit_fsdp and cfg.kl_coef > 0 and cfg.lora_rank == 0:
-        raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA (--lora_rank)")
-    if cfg.eval_interval and not cfg.eval_prompts:
-        raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
-
-
-def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
-    """Settings against the model's expert split, from config files only (before weights load)."""
-    trained = train_expert_indices(cfg.train_experts, (info.has_high, info.has_low))
-    plan = plan_steps(sampler, partial(route, boundary_ratio=info.boundary_ratio,
-                                       num_train_timesteps=info.num_train_timesteps,
-                                       present=(info.has_high, info.has_low)))
-    owned = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in trained}
-    per_sample = sum(transitions_per_sample(n, cfg.timestep_fraction) for n in owned.values())
-    split = describe_steps(plan)
-    if per_sample == 0:
-        raise UserError(f"--train_experts {cfg.train_experts} owns none of the stochastic steps ({split}); widen "
-                        "--sde_window, change --sample_shift or train the other expert")
-    for e, n in owned.items():
-        if n == 0:
-            log.warning("the %s expert owns none of the trainable steps (%s); it gets no updates", EXPERT_NAMES[e],
-                        split)
-    k = cfg.optimizer_steps_per_rollout
-    if per_sample < k:
-        raise UserError(f"--optimizer_steps_per_rollout {k} needs at least {k} replayed steps per sample, but "
-                        f"--timestep_fraction {cfg.timestep_fraction:g} of the trained experts' steps ({split}) gives "
-                        f"{per_sample}; raise --timestep_fraction or lower --optimizer_steps_per_rollout")
-
-
-def describe_steps(plan) -> str:
-    counts = [int((plan.stochastic & (plan.experts == e)).sum()) for e in (HIGH, LOW)]
-    return f"{counts[0]} high-noise and {counts[1]} low-noise of {len(plan.timesteps)} steps are stochastic"
 
 
 @dataclass
@@ -178,7 +115,8 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update, image=image)
     # the conditioning frame is kept exactly
     final = traj.final_latents if image is None else image.keep_generated(traj.final_latents.float())
-    videos = list(decode_latents(run.components.vae, final))
+    decode_batch = cfg.decode_batch_size or PRESETS[cfg.task].decode_batch_size
+    videos = list(decode_latents(run.components.vae, final, micro_batch=decode_batch))
     t1 = time.perf_counter()
 
     with _bar(len(run.rewards.entries), "reward", main=main) as bar:
@@ -245,9 +183,9 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
         rows.append({
             "step": r * k + j + 1, **base, "loss": u.loss, "ratio_mean": u.ratio_mean, "clipfrac": u.clipfrac,
             "approx_kl": u.approx_kl, "kl": u.kl,
-            **{f"grad_norm_{name}": u.grad_norm[name] for name in EXPERT_NAMES},
-            **{f"trained_steps_{name}": u.trained_steps[name] for name in EXPERT_NAMES},
-            **{f"lr_{EXPERT_NAMES[e]}": u.lr.get(EXPERT_NAMES[e], math.nan) for e in run.policy.experts},
+            **{f"grad_norm_{name}": u.grad_norm[name] for name in EXPERT_LABELS},
+            **{f"trained_steps_{name}": u.trained_steps[name] for name in EXPERT_LABELS},
+            **{f"lr_{e.label}": u.lr.get(e.label, math.nan) for e in run.policy.experts},
             "skipped_updates": run.counters["skipped_updates"],
             "dropped_groups": run.counters["dropped_groups"],
             "unscored_groups": run.counters["unscored_groups"],

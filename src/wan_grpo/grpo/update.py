@@ -17,9 +17,9 @@ import torch
 from wan_grpo.distributed import DistInfo, all_reduce_sum
 from wan_grpo.grpo import replay
 from wan_grpo.grpo.loss import gaussian_kl, ppo_clip_loss
-from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW
 from wan_grpo.sampling.rollout import Trajectory
 from wan_grpo.seeding import TIMESTEPS, stream
+from wan_grpo.specs import EXPERT_LABELS, EXPERTS, Expert
 
 log = logging.getLogger("wan_grpo")
 
@@ -37,14 +37,14 @@ class UpdateStats:
     clipfrac: float = math.nan
     approx_kl: float = math.nan
     kl: float = math.nan
-    grad_norm: dict[str, float] = field(default_factory=lambda: {n: 0.0 for n in EXPERT_NAMES})
-    trained_steps: dict[str, int] = field(default_factory=lambda: {n: 0 for n in EXPERT_NAMES})
+    grad_norm: dict[str, float] = field(default_factory=lambda: {n: 0.0 for n in EXPERT_LABELS})
+    trained_steps: dict[str, int] = field(default_factory=lambda: {n: 0 for n in EXPERT_LABELS})
     lr: dict[str, float] = field(default_factory=dict)  # by trained expert: the rate this step used
     skipped: bool = False
 
 
 def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, num_chunks: int,
-                       experts: tuple[int, ...] = (HIGH, LOW)) -> torch.Tensor:
+                       experts: tuple[Expert, ...] = EXPERTS) -> torch.Tensor:
     """(M, 3) long rows (sample, step, chunk) for every local sample.
 
     Per sample and per trained expert (``experts``), a random ``fraction`` of that expert's trainable
@@ -57,7 +57,7 @@ def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, n
     for i, seed in enumerate(seeds):
         gen = stream(seed, TIMESTEPS)
         chosen = []
-        for e in (HIGH, LOW):
+        for e in Expert:
             steps = torch.nonzero(traj.trainable & (traj.experts == e)).flatten()
             if len(steps) == 0:
                 continue
@@ -80,7 +80,7 @@ def transitions_per_sample(trainable_steps: int, fraction: float) -> int:
 def _micro_batches(rows: torch.Tensor, experts: torch.Tensor, size: int):
     """Split rows (sample, step, ...) into micro-batches of one expert each, in (expert, step, sample) order."""
     owner = experts[rows[:, 1]]
-    for e in (HIGH, LOW):
+    for e in Expert:
         mine = rows[owner == e]
         mine = mine[torch.argsort(mine[:, 1] * 1_000_000 + mine[:, 0])]
         for start in range(0, len(mine), size):
@@ -122,10 +122,10 @@ def policy_update(
         stats = UpdateStats()
         policy.optimizer.zero_grad(set_to_none=True)
         owner = traj.experts[chunk[:, 1]]
-        local = torch.stack([weights[chunk[:, 0]][owner == e].double().sum() for e in (HIGH, LOW)])
+        local = torch.stack([weights[chunk[:, 0]][owner == e].double().sum() for e in Expert])
         counts = all_reduce_sum(local) / cp  # one collective for both experts' global counts
-        for e, name in enumerate(EXPERT_NAMES):
-            stats.trained_steps[name] = int(round(float(counts[e])))
+        for e in Expert:
+            stats.trained_steps[e.label] = int(round(float(counts[e])))
         if float(counts.sum()) == 0:  # nothing to train (all groups dropped): every rank agrees
             stats.skipped = True
             results.append(stats)
@@ -180,7 +180,7 @@ def clip_gradients(policy, max_grad_norm: float) -> dict[str, float]:
     for idx, params in policy.params.items():
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
-        norms[EXPERT_NAMES[idx]] = float(norm)
+        norms[idx.label] = float(norm)
     return norms
 
 

@@ -11,25 +11,23 @@ from contextlib import nullcontext
 
 import torch
 
+from wan_grpo.specs import Expert
+
 log = logging.getLogger("wan_grpo")
 
-HIGH, LOW = 0, 1
-EXPERT_NAMES = ("high", "low")
-EXPERT_DIRS = ("transformer", "transformer_2")  # diffusers folders of the two slots
 
-
-def expert_for_timestep(t: float, *, boundary_ratio: float | None, num_train_timesteps: int = 1000) -> int:
+def expert_for_timestep(t: float, *, boundary_ratio: float | None, num_train_timesteps: int = 1000) -> Expert:
     """HIGH (``transformer``) when t >= boundary_ratio * num_train_timesteps, else LOW, as WanPipeline."""
     if boundary_ratio is None or float(t) >= boundary_ratio * num_train_timesteps:
-        return HIGH
-    return LOW
+        return Expert.HIGH
+    return Expert.LOW
 
 
-def route(t: float, *, boundary_ratio: float | None, num_train_timesteps: int, present: tuple[bool, bool]) -> int:
+def route(t: float, *, boundary_ratio: float | None, num_train_timesteps: int, present: tuple[bool, bool]) -> Expert:
     """The expert slot that runs timestep ``t``: ``expert_for_timestep``, except that a dense
     checkpoint's one model answers for every t whichever slot holds it."""
     idx = expert_for_timestep(t, boundary_ratio=boundary_ratio, num_train_timesteps=num_train_timesteps)
-    return idx if present[idx] else 1 - idx
+    return idx if present[idx] else Expert(1 - idx)
 
 
 class MoEDenoiser:
@@ -44,22 +42,22 @@ class MoEDenoiser:
         self.expand_timesteps = components.expand_timesteps
         g2 = guidance_scale if guidance_scale_2 is None else guidance_scale_2
         self.guidance = (float(guidance_scale), float(g2))
-        if self.guidance[HIGH] <= 1.0 < self.guidance[LOW] and components.transformer_2 is not None:
+        if self.guidance[Expert.HIGH] <= 1.0 < self.guidance[Expert.LOW] and components.transformer_2 is not None:
             log.warning("guidance_scale_2 %g is ignored: guidance_scale %g <= 1 turns CFG off for both experts "
-                        "(as diffusers' WanPipeline)", self.guidance[LOW], self.guidance[HIGH])
+                        "(as diffusers' WanPipeline)", self.guidance[Expert.LOW], self.guidance[Expert.HIGH])
         self.autocast_dtype = autocast_dtype
         self.placement = None  # an ExpertPlacement under --offload_model
 
-    def expert_index(self, t: float) -> int:
+    def expert_index(self, t: float) -> Expert:
         return route(t, boundary_ratio=self.boundary_ratio, num_train_timesteps=self.num_train_timesteps,
-                     present=(self.experts[HIGH] is not None, self.experts[LOW] is not None))
+                     present=(self.experts[Expert.HIGH] is not None, self.experts[Expert.LOW] is not None))
 
     @property
     def uses_cfg(self) -> bool:
         """As diffusers' WanPipeline: CFG runs for BOTH experts when ``guidance_scale`` (the high-noise
         expert's) is > 1, and for neither otherwise; ``guidance_scale_2`` only weighs the low-noise
         expert's combination (so (1.0, 3.0) is no CFG at all and (4.0, 0.5) is CFG with 0.5)."""
-        return self.guidance[HIGH] > 1.0
+        return self.guidance[Expert.HIGH] > 1.0
 
     def _timestep(self, t: torch.Tensor, latents: torch.Tensor, patch_size, image=None) -> torch.Tensor:
         if not self.expand_timesteps:

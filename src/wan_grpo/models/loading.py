@@ -3,7 +3,6 @@ original Wan-AI release layout (see ``wan_grpo.models.original``)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,23 +11,20 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
 from wan_grpo.errors import UserError
 from wan_grpo.models.components import WanComponents
+from wan_grpo.models.files import read_json
 from wan_grpo.models.original import (
     ORIGINAL_LAYOUT_HELP,
     describe_dir,
+    expert_config,
     inspect_original,
     is_original_layout,
-    load_original_components,
+    load_expert,
+    load_t5,
+    load_vae,
 )
+from wan_grpo.specs import PRESETS, Expert, infer_task
 
 WAN_PIPELINES = ("WanPipeline", "WanImageToVideoPipeline")
-HIGH_NOISE_DIR, LOW_NOISE_DIR = "transformer", "transformer_2"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"cannot read {path}: {exc}; re-download that file") from exc
 
 
 def inspect_checkpoint(ckpt_dir: str | Path) -> dict:
@@ -50,7 +46,7 @@ def inspect_checkpoint(ckpt_dir: str | Path) -> dict:
             f"{ORIGINAL_LAYOUT_HELP}; found: {describe_dir(root)}; pass a diffusers-format Wan2.2 folder "
             "or an original-layout one"
         )
-    index = _read_json(index_path)
+    index = read_json(index_path)
     cls = index.get("_class_name")
     if cls not in WAN_PIPELINES:
         raise UserError(
@@ -59,7 +55,7 @@ def inspect_checkpoint(ckpt_dir: str | Path) -> dict:
     for sub in ("vae",):
         if not (root / sub / "config.json").is_file():
             raise UserError(f"{root / sub} is missing or has no config.json; re-download the checkpoint")
-    if not any((root / d / "config.json").is_file() for d in (HIGH_NOISE_DIR, LOW_NOISE_DIR)):
+    if not any((root / e.diffusers_dir / "config.json").is_file() for e in Expert):
         raise UserError(f"{root} has neither transformer/ nor transformer_2/ with a config.json; re-download it")
     return index
 
@@ -81,27 +77,23 @@ class ModelInfo:
 
 def checkpoint_info(ckpt_dir: str | Path) -> ModelInfo:
     """``ModelInfo`` of either layout, validating it as ``inspect_checkpoint`` does."""
-    from wan_grpo.presets import infer_task
-
     root = Path(ckpt_dir)
     index = inspect_checkpoint(root)
+    task = infer_task(index)
     if index.get("_layout") == "original":
-        from wan_grpo.models.original import OFFICIAL, _expert_config
-
-        first = _expert_config(Path(next(iter(index["experts"].values()))))
-        return ModelInfo(task=infer_task(index), has_high="high" in index["experts"],
+        first = expert_config(Path(next(iter(index["experts"].values()))))
+        return ModelInfo(task=task, has_high="high" in index["experts"],
                          has_low="low" in index["experts"], boundary_ratio=index["boundary_ratio"],
                          expand_timesteps=index["expand_timesteps"], in_channels=int(first["in_dim"]),
-                         z_dim=int(first["out_dim"]), default_shift=OFFICIAL[index["model_type"]]["shift"])
-    present = {sub: index.get(sub, [None, None])[0] is not None and (root / sub / "config.json").is_file()
-               for sub in (HIGH_NOISE_DIR, LOW_NOISE_DIR)}
-    expert_cfg = _read_json(root / (HIGH_NOISE_DIR if present[HIGH_NOISE_DIR] else LOW_NOISE_DIR) / "config.json")
+                         z_dim=int(first["out_dim"]), default_shift=PRESETS[task].shift)
+    present = [_has_expert(root, index, e) for e in Expert]
+    expert_cfg = read_json(root / (Expert.HIGH if present[Expert.HIGH] else Expert.LOW).diffusers_dir / "config.json")
     scheduler_path = root / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_path) if scheduler_path.is_file() else {}
-    return ModelInfo(task=infer_task(index), has_high=present[HIGH_NOISE_DIR], has_low=present[LOW_NOISE_DIR],
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    return ModelInfo(task=task, has_high=present[Expert.HIGH], has_low=present[Expert.LOW],
                      boundary_ratio=index.get("boundary_ratio"), expand_timesteps=bool(index.get("expand_timesteps")),
                      in_channels=int(expert_cfg["in_channels"]),
-                     z_dim=int(_read_json(root / "vae" / "config.json").get("z_dim", 16)),
+                     z_dim=int(read_json(root / "vae" / "config.json").get("z_dim", 16)),
                      default_shift=scheduler_shift(scheduler),
                      num_train_timesteps=int(scheduler.get("num_train_timesteps", 1000)))
 
@@ -110,7 +102,7 @@ def text_length(tokenizer_dir: Path) -> int:
     """Tokens per prompt embedding: 512 (Wan2.2's text_len) unless the tokenizer's config sets a smaller
     model_max_length (the Shapes model uses 16: its prompts are short and padding costs compute)."""
     path = tokenizer_dir / "tokenizer_config.json"
-    limit = _read_json(path).get("model_max_length", 512) if path.is_file() else 512
+    limit = read_json(path).get("model_max_length", 512) if path.is_file() else 512
     return int(min(512, limit)) if isinstance(limit, (int, float)) and limit >= 1 else 512
 
 
@@ -119,46 +111,84 @@ def scheduler_shift(scheduler_config: dict) -> float:
     return float(scheduler_config.get("flow_shift", scheduler_config.get("shift", 5.0)))
 
 
+def _has_expert(root: Path, index: dict, expert: Expert) -> bool:
+    sub = expert.diffusers_dir
+    return index.get(sub, [None, None])[0] is not None and (root / sub / "config.json").is_file()
+
+
+def text_encoder_paths(ckpt_dir: str | Path) -> tuple[Path, Path]:
+    """(tokenizer folder, text encoder folder or .pth) of a checkpoint in either layout."""
+    index = inspect_checkpoint(ckpt_dir)
+    if index.get("_layout") == "original":
+        return Path(index["tokenizer"]), Path(index["text_encoder"])
+    return Path(ckpt_dir) / "tokenizer", Path(ckpt_dir) / "text_encoder"
+
+
+def load_tokenizer_and_encoder(ckpt_dir: str | Path, *, dtype: torch.dtype | None):
+    """(tokenizer, UMT5 encoder) of a checkpoint in either layout: a diffusers folder or Wan's T5 .pth."""
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    tokenizer_dir, encoder = text_encoder_paths(ckpt_dir)
+    for path in (tokenizer_dir, encoder):
+        if not path.exists():
+            raise UserError(f"{path} is missing; download it from the checkpoint's repository")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if encoder.is_file():
+        return tokenizer, load_t5(encoder, dtype=dtype)
+    return tokenizer, UMT5EncoderModel.from_pretrained(encoder, torch_dtype=dtype).eval()
+
+
 def load_components(
     ckpt_dir: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
-    vae_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
+    vae_dtype: torch.dtype | None = torch.float32,
     load_text_encoder: bool = True,
 ) -> WanComponents:
-    """Load the experts, VAE, text encoder and tokenizer of a Wan2.2 directory (either layout)."""
+    """Load the experts, VAE, text encoder and tokenizer of a Wan2.2 directory (either layout).
+
+    ``dtype`` applies to the experts and the text encoder; modules diffusers keeps in fp32
+    (``_keep_in_fp32_modules``) stay fp32 in both layouts, as ``from_pretrained`` keeps them.
+    """
     root = Path(ckpt_dir)
     index = inspect_checkpoint(root)
-    if index.get("_layout") == "original":
-        return load_original_components(
-            root, dtype=dtype, vae_dtype=vae_dtype, load_text_encoder=load_text_encoder, layout=index
-        )
-
-    def expert(sub: str):
-        if index.get(sub, [None, None])[0] is None or not (root / sub / "config.json").is_file():
-            return None
-        return WanTransformer3DModel.from_pretrained(root, subfolder=sub, torch_dtype=dtype)
-
     text_encoder = tokenizer = None
     if load_text_encoder:
-        from wan_grpo.models.text import load_tokenizer_and_encoder
+        tokenizer, text_encoder = load_tokenizer_and_encoder(root, dtype=dtype)
+    if index.get("_layout") == "original":
+        # The original layout states no boundary, shift or scheduler: they are the official ones.
+        task = infer_task(index)
+        experts = {name: load_expert(d, dtype=dtype) for name, d in index["experts"].items()}
+        return WanComponents(
+            transformer=experts.get("high"),
+            transformer_2=experts.get("low"),
+            vae=load_vae(index["vae"], dtype=vae_dtype),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            boundary_ratio=index["boundary_ratio"],
+            expand_timesteps=index["expand_timesteps"],
+            scheduler_config={},
+            default_shift=PRESETS[task].shift,
+            source=str(root),
+        )
 
-        tokenizer, text_encoder = load_tokenizer_and_encoder(root / "tokenizer", root / "text_encoder", dtype=dtype)
+    def expert(e: Expert):
+        if not _has_expert(root, index, e):
+            return None
+        return WanTransformer3DModel.from_pretrained(root, subfolder=e.diffusers_dir, torch_dtype=dtype)
 
     scheduler_path = root / "scheduler" / "scheduler_config.json"
-    scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else {}
-    default_shift = scheduler_shift(scheduler_config)
-
+    scheduler_config = read_json(scheduler_path) if scheduler_path.is_file() else {}
     components = WanComponents(
-        transformer=expert(HIGH_NOISE_DIR),
-        transformer_2=expert(LOW_NOISE_DIR),
+        transformer=expert(Expert.HIGH),
+        transformer_2=expert(Expert.LOW),
         vae=AutoencoderKLWan.from_pretrained(root, subfolder="vae", torch_dtype=vae_dtype).eval(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         boundary_ratio=index.get("boundary_ratio"),
         expand_timesteps=bool(index.get("expand_timesteps", False)),
         scheduler_config=scheduler_config,
-        default_shift=default_shift,
+        default_shift=scheduler_shift(scheduler_config),
         source=str(root),
         text_len=text_length(root / "tokenizer"),
     )

@@ -135,36 +135,6 @@ class EmbeddingDiskCache:
             raise UserError(f"--embedding_cache {self.folder}: cannot write ({exc}); pass a writable folder") from exc
 
 
-def text_encoder_paths(ckpt_dir: str | Path) -> tuple[Path, Path]:
-    """(tokenizer folder, text encoder folder or .pth) of a checkpoint in either layout."""
-    from wan_grpo.models.loading import inspect_checkpoint
-
-    index = inspect_checkpoint(ckpt_dir)
-    if index.get("_layout") == "original":
-        return Path(index["tokenizer"]), Path(index["text_encoder"])
-    return Path(ckpt_dir) / "tokenizer", Path(ckpt_dir) / "text_encoder"
-
-
-def load_text_encoder(ckpt_dir: str | Path, *, dtype: torch.dtype):
-    """(tokenizer, UMT5 encoder) alone, as load_components loads them (for a lazy load)."""
-    return load_tokenizer_and_encoder(*text_encoder_paths(ckpt_dir), dtype=dtype)
-
-
-def load_tokenizer_and_encoder(tokenizer_dir: Path, encoder: Path, *, dtype: torch.dtype):
-    """(tokenizer, UMT5 encoder) from a tokenizer folder and a diffusers folder or Wan's T5 .pth."""
-    from transformers import AutoTokenizer, UMT5EncoderModel
-
-    from wan_grpo.models.original import load_t5
-
-    for path in (tokenizer_dir, encoder):
-        if not path.exists():
-            raise UserError(f"{path} is missing; re-download the checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    if encoder.is_file():
-        return tokenizer, load_t5(encoder, dtype=dtype)
-    return tokenizer, UMT5EncoderModel.from_pretrained(encoder, torch_dtype=dtype).eval()
-
-
 def files_identity(paths: list[Path], *, blocks: int = 64, block_size: int = 1 << 16) -> str:
     """sha256 over the files under ``paths``: small files whole, big ones by size and ``blocks`` evenly spaced blocks.
 

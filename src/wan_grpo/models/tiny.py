@@ -12,11 +12,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from wan_grpo.models.components import WanComponents
+from wan_grpo.specs import PRESETS
 
 TINY_TEXT_DIM = 32
-TINY_BOUNDARY_RATIO = 0.875
-TINY_SHIFT = 5.0
-
+TINY_BOUNDARY_RATIO = PRESETS["tiny"].boundary_ratio
+TINY_SHIFT = PRESETS["tiny"].shift
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:

@@ -16,10 +16,6 @@ class Schedule:
     timesteps: torch.Tensor  # (T,) float32, the t given to the model (0..num_train_timesteps)
     num_train_timesteps: int
 
-    @property
-    def num_steps(self) -> int:
-        return len(self.timesteps)
-
 
 def flow_match_schedule(num_steps: int, *, shift: float, num_train_timesteps: int = 1000) -> Schedule:
     """The sigmas and timesteps of ``FlowMatchEulerDiscreteScheduler(shift=shift)`` for N steps."""

@@ -36,13 +36,14 @@ from wan_grpo.grpo.metrics import MetricsWriter
 from wan_grpo.grpo.policy import build_policy, expert_names, lora_targets, train_expert_indices
 from wan_grpo.grpo.preemption import Preempted, StopRequests
 from wan_grpo.grpo.update import clip_gradients, current_lrs, finish_step
-from wan_grpo.models.denoiser import EXPERT_NAMES, HIGH, LOW, MoEDenoiser
+from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import encode_videos
 from wan_grpo.runtime import encode_all, load_model, place, resolve_config
 from wan_grpo.seeding import TRAIN_NOISE, sample_seed, seed_everything, stream
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.data import load_dataset
 from wan_grpo.sft.loss import expert_balanced_timesteps, flow_matching_loss, noised, sample_timesteps
+from wan_grpo.specs import Expert
 
 log = logging.getLogger("wan_grpo")
 
@@ -61,7 +62,7 @@ def trained_range(trained: list[int], boundary_ratio: float | None) -> tuple[flo
     """[lo, hi) of noise levels owned by the trained experts (all of (0, 1) on a dense model)."""
     if boundary_ratio is None or len(trained) == 2:
         return 0.0, 1.0
-    return (boundary_ratio, 1.0) if trained == [HIGH] else (0.0, boundary_ratio)
+    return (boundary_ratio, 1.0) if trained == [Expert.HIGH] else (0.0, boundary_ratio)
 
 
 def run_sft(cfg: SFTConfig, *, stop: StopRequests | None = None) -> Path:
@@ -79,7 +80,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     trained = train_expert_indices(cfg.train_experts, (info.has_high, info.has_low))
     if cfg.high_noise_share is not None and len(trained) != 2:
         raise UserError("--high_noise_share splits batches between two trained experts; this run trains "
-                        f"{', '.join(EXPERT_NAMES[e] for e in trained)}: drop the flag")
+                        f"{', '.join(e.label for e in trained)}: drop the flag")
     save_dir = Path(cfg.save_dir)
     resume = resolve_resume(cfg.resume, save_dir)
     if resume is not None:
@@ -122,7 +123,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     lo, hi = trained_range(trained, components.boundary_ratio)
     log.info("SFT on %d videos (%d captions), %d steps of %d, noise levels [%.3f, %.3f) at shift %g, training %s",
              len(latents), len(set(prompts)), total, cfg.batch_size, lo, hi, cfg.sample_shift,
-             ", ".join(EXPERT_NAMES[e] for e in trained))
+             ", ".join(e.label for e in trained))
     metrics = MetricsWriter(save_dir, tensorboard=cfg.tensorboard, resume_step=start)
     neg = cache.get([cfg.negative_prompt])
     saved_at = start if resume is not None else None
@@ -176,8 +177,8 @@ def sft_step(denoiser, policy, x0: torch.Tensor, captions: list[str], cache, neg
     policy.optimizer.zero_grad(set_to_none=True)
     out = {"loss": 0.0}
     finite = True
-    for e in (HIGH, LOW):
-        name = EXPERT_NAMES[e]
+    for e in Expert:
+        name = e.label
         rows = torch.nonzero(owner == e).flatten() if e in policy.experts else torch.zeros(0, dtype=torch.long)
         out[f"samples_{name}"] = len(rows)
         out[f"loss_{name}"] = math.nan

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-from wan_grpo.presets import PRESETS, TASK_KEY
+from wan_grpo.specs import PRESETS, TASK_KEY
 from wan_grpo.tasks.shapes import BASE_DIR
 from wan_grpo.tasks.shapes.text import TEXT_DIM, pretrain_text_encoder, shapes_text_encoder, shapes_tokenizer
 from wan_grpo.tasks.shapes.world import BACKGROUND, FRAMES, all_scenes, render
@@ -38,7 +38,6 @@ VAE_CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1
 DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=16,
                   out_channels=16, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
-BOUNDARY_RATIO = 0.875
 SEED = 0
 
 
@@ -138,7 +137,7 @@ def random_pipeline(vae: AutoencoderKLWan, *, seed: int = SEED, text_steps: int 
     log.info("text encoder: grammar loss %.4f -> %.4f in %d steps", losses[0], losses[-1], text_steps)
     return WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=PRESETS["shapes"].shift),
-                       transformer=high, transformer_2=low, boundary_ratio=BOUNDARY_RATIO)
+                       transformer=high, transformer_2=low, boundary_ratio=PRESETS["shapes"].boundary_ratio)
 
 
 def save_pipeline(pipe: WanPipeline, folder: Path) -> None:

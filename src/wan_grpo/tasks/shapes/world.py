@@ -14,7 +14,7 @@ import numpy as np
 
 from wan_grpo.errors import UserError
 
-SIZE, FRAMES, FPS = 64, 9, 8
+SIZE, FRAMES = 64, 9
 BACKGROUND = (30, 30, 30)
 COLOURS = {
     "red": (220, 40, 40),
