@@ -6,6 +6,12 @@ import torch
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_repository(tmp_path, monkeypatch):
+    """Every test runs in its own empty folder: none may rely on, or write into, the working directory."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     """The tiny two-expert model saved in the real diffusers layout (boundary_ratio 0.875)."""

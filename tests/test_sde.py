@@ -110,3 +110,56 @@ def test_bad_kind_and_sigma_shape():
         sde_step(x, x, 0.5, 0.4, kind="ddim")
     with pytest.raises(ValueError, match="shape"):
         sde_step(x, x, torch.tensor([0.5, 0.4, 0.3]), 0.2)
+
+
+# An independent derivation (docs/math.md states the kinds as closed-form means): every stochastic
+# kind is a reverse-time SDE dx = [v - g^2/2 * score] dt + g dW of the flow x_s = (1 - s) x0 + s eps,
+# whose score is -E[eps | x] / s with E[eps | x] = x + (1 - s) v; CPS instead re-noises the
+# predicted x0 along a rotation of the predicted noise.
+def drift_form(kind, v, x, s, s_next, a, sigma_max):
+    dt = s_next - s
+    eps_hat, x0_hat = x + (1 - s) * v, x - s * v
+    score = -eps_hat / s
+    if kind == "flow":
+        g = a * math.sqrt(s / (1 - (sigma_max if s == 1 else s)))
+    elif kind == "dance":
+        g = a
+    elif kind == "ode":
+        g = 0.0
+    else:  # cps: x' = (1 - s') x0 + s' (cos(a pi/2) eps + sin(a pi/2) xi)
+        angle = a * math.pi / 2
+        return (1 - s_next) * x0_hat + s_next * math.cos(angle) * eps_hat, s_next * math.sin(angle)
+    return x + (v - g**2 / 2 * score) * dt, g * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("kind", ["flow", "dance", "cps", "ode"])
+def test_mean_and_std_equal_the_reverse_sde_drift_form(kind):
+    g = torch.Generator().manual_seed(3)
+    v, x = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(2))
+    sigma = torch.tensor([1.0, 0.8, 0.3], dtype=torch.float64)
+    sigma_next = torch.tensor([0.9, 0.5, 0.1], dtype=torch.float64)
+    out = sde_step(v, x, sigma, sigma_next, kind=kind, noise_level=0.7, next_latents=x, sigma_max=0.95)
+    for b in range(3):
+        mean, std = drift_form(kind, v[b], x[b], float(sigma[b]), float(sigma_next[b]), 0.7, 0.95)
+        torch.testing.assert_close(out.mean[b], mean, rtol=1e-12, atol=1e-12)
+        assert float(out.std[b].flatten()[0]) == pytest.approx(std, rel=1e-12, abs=1e-15)
+
+
+def gaussian_data_step_variance(kind, s, s_next, a=0.7):
+    """Data x0 ~ N(0, 1): x_s ~ N(0, V(s)), V(s) = (1 - s)^2 + s^2, and the exact velocity is
+    E[eps - x0 | x] = x (2s - 1) / V(s). One step maps x to c x + std * noise (linear in x), so the
+    variance after it is c^2 V(s) + std^2, which a correct reverse SDE keeps equal to V(s') up to
+    the O(dt^2) error of one Euler-Maruyama step."""
+    var = lambda t: (1 - t) ** 2 + t**2  # noqa: E731
+    x = torch.ones(1, 1, 1, 1, 1, dtype=torch.float64)
+    out = sde_step(x * (2 * s - 1) / var(s), x, s, s_next, kind=kind, noise_level=a, next_latents=x)
+    c, std = float(out.mean.flatten()[0]), float(out.std.flatten()[0])
+    return c**2 * var(s) + std**2 - var(s_next)
+
+
+@pytest.mark.parametrize("kind", ["flow", "dance", "ode"])
+def test_one_step_keeps_the_flow_marginals_of_gaussian_data(kind):
+    for s in (0.9, 0.6, 0.3):
+        errors = [abs(gaussian_data_step_variance(kind, s, s - dt)) for dt in (0.02, 0.01)]
+        # first order in dt would halve the error; a correct step quarters it (second order)
+        assert 0 < errors[1] < 0.3 * errors[0], (s, errors)

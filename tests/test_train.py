@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +26,8 @@ def train(tmp_path, name, *args):
 @pytest.mark.slow
 def test_demo_config_raises_reward(tmp_path):
     save_dir = tmp_path / "demo"
-    assert main(["train", "--config", "configs/tiny-demo.yaml", "--save_dir", str(save_dir),
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny-demo.yaml"
+    assert main(["train", "--config", str(config), "--save_dir", str(save_dir),
                  "--tensorboard", "false", "--log_interval", "0", "--sample_interval", "20"]) == 0
     rows = read_metrics(save_dir)
     assert [r["step"] for r in rows] == list(range(1, 41))
@@ -122,6 +124,17 @@ def test_lora_loads_into_diffusers_pipeline(tmp_path, tiny_ckpt):
     assert "high" in pipe.transformer.peft_config and "low" in pipe.transformer_2.peft_config
     assert (high_only - base).abs().max() > 1e-4
     assert (both - high_only).abs().max() > 1e-4
+    # `wan-grpo sample --lora` with the same checkpoint gives diffusers' latents: a wrong LoRA alpha or
+    # scale would move them by about the LoRA's own effect, which is far above the tolerance.
+    out = tmp_path / "ours.safetensors"
+    assert main(["sample", "--ckpt_dir", str(tiny_ckpt), "--lora", str(ckpt), "--prompt", "A cat walking in snow",
+                 "--negative_prompt", "", "--seed", "0", "--sampling_steps", "8", "--sample_shift", "5",
+                 "--size", "64*48", "--frame_num", "5", "--guidance_scale", "4", "--guidance_scale_2", "3",
+                 "--sample_solver", "euler", "--output", str(tmp_path / "ours.mp4"), "--save_latents", str(out)]) == 0
+    ours = load_file(out)["latents"]
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert rel(both, base) > 1e-2
+    assert rel(ours, both) <= 1e-4
     state = torch.load(ckpt / "training_state.pt", weights_only=False)
     assert state["step"] == 2 and state["lora"] and "scheduler" in state and "rng" in state
     assert (ckpt / "dcp" / ".metadata").is_file()  # sharded weights + optimizer
