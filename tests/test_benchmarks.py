@@ -9,7 +9,8 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["rollout.py", "train_step.py", "memory.py", "scaling.py", "videoalign.py"])
+@pytest.mark.parametrize("script", ["rollout.py", "train_step.py", "memory.py", "scaling.py", "videoalign.py",
+                                    "shapes_learning.py"])
 def test_benchmark_smoke(script):
     docs = BENCH.parent / "docs" / "benchmarks.md"
     before = docs.read_text()

@@ -19,7 +19,10 @@ import torch
 
 from wan_grpo.config import opt
 from wan_grpo.errors import UserError
+from wan_grpo.models.loading import load_components
+from wan_grpo.models.original import ORIGINAL_LAYOUT_HELP, describe_dir, inspect_original, is_original_layout
 from wan_grpo.runtime import DTYPES as DTYPE_NAMES  # "bf16" | "fp16" | "fp32"
+from wan_grpo.specs import PRESETS, infer_task
 
 log = logging.getLogger("wan_grpo")
 
@@ -58,9 +61,6 @@ def convert(
     """
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 
-    from wan_grpo.models.loading import load_components
-    from wan_grpo.models.original import inspect_original, is_original_layout
-    from wan_grpo.specs import PRESETS, infer_task
 
     root, output = Path(ckpt_dir), Path(output)
     dtype = _resolve_dtype(dtype)
@@ -69,7 +69,6 @@ def convert(
     if (root / "model_index.json").is_file():
         raise UserError(f"{root} is already in the diffusers layout (model_index.json); pass it as --ckpt_dir directly")
     if not is_original_layout(root):
-        from wan_grpo.models.original import ORIGINAL_LAYOUT_HELP, describe_dir
 
         raise UserError(
             f"{root} is not an original-layout Wan2.2 checkpoint: expected {ORIGINAL_LAYOUT_HELP}; "

@@ -30,7 +30,7 @@ from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
 from wan_grpo.seeding import seed_everything
 from wan_grpo.specs import default_reward
-from wan_grpo.video import write_mp4
+from wan_grpo.video import read_mp4, write_mp4
 
 log = logging.getLogger("wan_grpo")
 
@@ -157,7 +157,6 @@ def check_comparable(base: dict, trained: dict) -> None:
 def compare(base: dict, trained: dict, out: Path, *, base_dir: Path, fps: int, grid_rows: int = 4) -> dict:
     """Paired per-video deltas per component (videos matched by prompt text and seed), a markdown
     table, a side-by-side mp4 per prompt and ``compare/grid.mp4`` (base | trained, a row per prompt)."""
-    from wan_grpo.video import read_mp4
 
     check_comparable(base, trained)
     key = lambda r: (r["prompt"], r["seed"])  # noqa: E731

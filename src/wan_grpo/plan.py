@@ -8,6 +8,7 @@ Terms per process (bytes; N = processes sharding with --dit_fsdp, else 1):
 - trained weights (full fine-tuning): 4 (fp32 master) + 4 (fp32 gradient) per parameter, / N
 - optimizer (AdamW): 8 per trainable parameter (fp32 first and second moments), / N
 - LoRA: 4 (fp32 weight) + 4 (gradient) + 8 (AdamW) per adapter parameter, / N
+- --algorithm nft: 4 per trainable parameter (the old policy's fp32 copy), / N
 - activations (an estimate, not exact): with gradient checkpointing, one block's input kept per
   block plus one block's working set, for the 2x batch of CFG, bf16.
 """
@@ -22,6 +23,7 @@ import torch
 from wan_grpo.config import ModelConfig, check_ranges, opt, parse_size
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.policy import lora_targets, train_expert_indices
+from wan_grpo.models.loading import checkpoint_info
 from wan_grpo.specs import ARCHITECTURES, PRESETS, Expert
 
 GIB = 2**30
@@ -34,6 +36,8 @@ class PlanConfig(ModelConfig):
     train_experts: str = opt("high,low", "Experts trained: high, low, both (or high,low).")
     nproc: int = opt(1, "Processes sharding the experts with FSDP2 (--dit_fsdp); 1: no sharding.", ge=1)
     train_batch_size: int = opt(4, "Transitions per forward/backward micro-batch.", ge=1)
+    algorithm: str = opt("grpo", "grpo, or nft (which keeps an fp32 copy of the trained weights: the old policy).",
+                         choices=("grpo", "nft"))
 
 
 def count_parameters(config: dict, *, lora_rank: int, targets: list[str]) -> tuple[int, int]:
@@ -60,7 +64,6 @@ def checkpoint_architecture(ckpt_dir: str) -> tuple[str, dict, int]:
     """(task, expert config, experts) of a checkpoint folder, read from its config files only."""
     from diffusers import WanTransformer3DModel
 
-    from wan_grpo.models.loading import checkpoint_info
 
     info = checkpoint_info(ckpt_dir)
     experts = int(info.has_high) + int(info.has_low)
@@ -106,6 +109,7 @@ def estimate(cfg: PlanConfig) -> dict:
         "trained_weights_and_grads": (n_trained * per_expert * (4 + 4) / n) if full else 0.0,
         "optimizer": n_trained * (per_expert if full else lora) * 8 / n,
         "lora_weights_and_grads": 0.0 if full else n_trained * lora * (4 + 4) / n,
+        "nft_old_policy": n_trained * (per_expert if full else lora) * 4 / n if cfg.algorithm == "nft" else 0.0,
     }
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     seq = ((frames - 1) // ts + 1) * (height // hs // patch[1]) * (width // ws // patch[2])
@@ -133,7 +137,7 @@ def train_estimate(cfg, *, nproc: int) -> list[str]:
     return describe(estimate(PlanConfig(task=cfg.task, ckpt_dir=cfg.ckpt_dir, size=cfg.size, frame_num=cfg.frame_num,
                                         lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules,
                                         train_experts=cfg.train_experts, nproc=nproc,
-                                        train_batch_size=cfg.train_batch_size)))
+                                        train_batch_size=cfg.train_batch_size, algorithm=cfg.algorithm)))
 
 
 def run_plan(cfg: PlanConfig) -> dict:

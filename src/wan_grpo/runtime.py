@@ -10,7 +10,14 @@ from typing import Callable
 import torch
 
 from wan_grpo.errors import UserError
+from wan_grpo.models.denoiser import expert_for_timestep
+from wan_grpo.models.files import cast_keeping_fp32
+from wan_grpo.models.loading import checkpoint_info, load_components, load_tokenizer_and_encoder, text_encoder_paths
+from wan_grpo.models.text import EmbeddingDiskCache, PromptEmbeddingCache, files_identity, module_identity
+from wan_grpo.models.tiny import build_tiny_components, tiny_info
+from wan_grpo.sampling.schedule import flow_match_schedule, unipc_scheduler
 from wan_grpo.specs import PRESETS
+from wan_grpo.tasks.shapes import BASE_DIR
 
 log = logging.getLogger("wan_grpo")
 
@@ -60,12 +67,9 @@ def resolve_config(cfg):
 
     Runs before any weights load, so settings can be checked against the model up front.
     """
-    from wan_grpo.models.loading import checkpoint_info
-    from wan_grpo.models.tiny import tiny_info
 
     task = cfg.task
     if cfg.ckpt_dir is None and task == "shapes":  # the Shapes model ships inside the package
-        from wan_grpo.tasks.shapes import BASE_DIR
 
         if not (BASE_DIR / "model_index.json").is_file():
             raise UserError(f"the Shapes base model is missing from {BASE_DIR}; build it with 'make shapes-base'")
@@ -117,9 +121,6 @@ def resolve_config(cfg):
 
 def load_model(cfg, *, load_text_encoder: bool = True):
     """(components, cfg with every None default filled, device, dtype). The models stay on CPU until placed."""
-    from wan_grpo.models.files import cast_keeping_fp32
-    from wan_grpo.models.loading import load_components
-    from wan_grpo.models.tiny import build_tiny_components
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -152,8 +153,6 @@ def place(components, device: torch.device, *, offload_experts: bool = False) ->
 def _text_setup(cfg, components, dtype: torch.dtype) -> TextSetup:
     from functools import partial
 
-    from wan_grpo.models.loading import load_tokenizer_and_encoder, text_encoder_paths
-    from wan_grpo.models.text import files_identity, module_identity
 
     setup = TextSetup(embedding_cache=cfg.embedding_cache, t5_cpu=cfg.t5_cpu)
     if cfg.embedding_cache is None:
@@ -178,7 +177,6 @@ def encode_all(components, prompts: list[str], negative_prompt: str, *, device, 
     With --embedding_cache, prompts found on disk are not encoded (and with all of them found the
     text encoder is neither loaded, when load_model deferred it, nor moved); new ones are written.
     """
-    from wan_grpo.models.text import EmbeddingDiskCache, PromptEmbeddingCache
 
     setup = components.text_setup or TextSetup()
     encoder_device = text_encoder_device(device, setup.t5_cpu)
@@ -207,8 +205,6 @@ def encode_all(components, prompts: list[str], negative_prompt: str, *, device, 
 
 def describe_split(components, *, steps: int, shift: float, solver: str = "sde") -> str:
     """'shift S: H high-noise + L low-noise steps' for the schedule ``solver`` uses."""
-    from wan_grpo.models.denoiser import expert_for_timestep
-    from wan_grpo.sampling.schedule import flow_match_schedule, unipc_scheduler
 
     if components.boundary_ratio is None:
         return f"shift {shift:g}: {steps} steps on the single expert"

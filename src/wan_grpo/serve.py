@@ -9,6 +9,7 @@ from wan_grpo.config import opt
 from wan_grpo.errors import UserError
 from wan_grpo.rewards import build_rewards
 from wan_grpo.rewards.config import RewardConfig
+from wan_grpo.rewards.remote import RequestLimits, make_server, reward_token
 from wan_grpo.runtime import resolve_device
 
 log = logging.getLogger("wan_grpo")
@@ -28,7 +29,6 @@ class ServerConfig(RewardConfig):
 
 
 def run_server(cfg: ServerConfig) -> None:
-    from wan_grpo.rewards.remote import RequestLimits, make_server, reward_token
 
     if cfg.reward_url:
         raise UserError("reward-server computes rewards itself; drop --reward_url")

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
+from wan_grpo.grpo.policy import expert_names, lora_targets
 from wan_grpo.specs import Expert
 
 log = logging.getLogger("wan_grpo")
@@ -116,7 +117,10 @@ def save_checkpoint(save_dir: str | Path, step: int, policy, state: dict, *, is_
         barrier()
         modules = policy.modules()
         model_sd, optim_sd = get_state_dict(modules, policy.optimizer, options=SHARDED)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+        sharded = {"model": model_sd, "optim": optim_sd}
+        if policy.old is not None:  # DiffusionNFT's old policy
+            sharded["old"] = policy.old
+        dcp.save(sharded, checkpoint_id=str(tmp / "dcp"))
         gathered = get_model_state_dict(modules, options=GATHERED)  # a collective: every rank joins
         if is_main:
             _write_rank0_files(tmp, final, step, policy, gathered, state)
@@ -156,7 +160,8 @@ def _write_rank0_files(tmp: Path, final: Path, step: int, policy, gathered: dict
         weights = {k[len(prefix):]: v for k, v in gathered.items() if k.startswith(prefix)}
         _export_expert(expert, weights, tmp / idx.diffusers_dir, lora=policy.lora)
     payload = {**state, "step": step, "scheduler": policy.scheduler.state_dict(), "rng": rng_state(),
-               "lora": policy.lora, "experts": [int(e) for e in sorted(policy.experts)]}
+               "lora": policy.lora, "experts": [int(e) for e in sorted(policy.experts)],
+               "old_policy": policy.old is not None}
     torch.save(payload, tmp / STATE_FILE)
     _test_pause()
     _write_json(tmp / MANIFEST, manifest(tmp))
@@ -274,10 +279,9 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> Path | None:
 
 def check_resumable(path: Path, cfg) -> None:
     """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds."""
-    from wan_grpo.grpo.policy import expert_names, lora_targets
 
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False).get("config", {})
-    checks = [("lora_rank", lambda c: int(c["lora_rank"])),
+    checks = [("algorithm", lambda c: c.get("algorithm", "grpo")), ("lora_rank", lambda c: int(c["lora_rank"])),
               ("train_experts", lambda c: sorted(expert_names(c["train_experts"])))]
     if cfg.lora_rank > 0 and saved.get("lora_rank", 0) > 0:
         checks += [("lora_alpha", lambda c: float(c["lora_alpha"])),
@@ -296,6 +300,12 @@ def load_checkpoint(path: Path, policy) -> dict:
     modules = policy.modules()
     model_sd, optim_sd = get_state_dict(modules, policy.optimizer, options=SHARDED)
     to_load = {"model": model_sd, "optim": optim_sd}
+    if policy.old is not None:
+        if not state.get("old_policy"):
+            raise UserError(f"{path} holds no old policy (a grpo run); resume it with --algorithm grpo")
+        to_load["old"] = policy.old  # loaded in place
+    elif state.get("old_policy"):
+        raise UserError(f"{path} is an nft run's checkpoint; resume it with --algorithm nft")
     dcp.load(to_load, checkpoint_id=str(path / "dcp"))
     set_state_dict(modules, policy.optimizer, model_state_dict=to_load["model"],
                    optim_state_dict=to_load["optim"], options=SHARDED)
@@ -322,7 +332,7 @@ def apply_checkpoint(components, ckpt: str | Path) -> list[str]:
     for expert in Expert:
         sub = expert.diffusers_dir
         folder = ckpt / sub
-        model = getattr(components, sub)
+        model = components.expert(expert)
         if not folder.is_dir():
             continue
         if model is None:

@@ -4,8 +4,11 @@ files only). Each failure is a one-line UserError naming the fix."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
+
+import torch
 
 from wan_grpo.config import check_ranges
 from wan_grpo.errors import UserError
@@ -34,7 +37,15 @@ def validate(cfg: TrainConfig) -> None:
     check_ranges(cfg)
     if cfg.best_of_n and (cfg.best_of_n % 2 or cfg.best_of_n > cfg.num_generations):
         raise UserError(f"--best_of_n {cfg.best_of_n} must be even and <= --num_generations ({cfg.num_generations})")
-    if cfg.noise_level == 0:
+    if cfg.algorithm == "grpo" and cfg.sample_solver not in (None, "sde"):
+        raise UserError(f"--sample_solver {cfg.sample_solver}: GRPO needs the log-probs of SDE steps; use sde, or "
+                        "--algorithm nft for any solver")
+    if cfg.algorithm == "nft" and cfg.share_noise and rollout_solver(cfg) != "sde":
+        raise UserError(f"--share_noise with the deterministic --sample_solver {rollout_solver(cfg)} makes every "
+                        "video of a group the same; drop --share_noise")
+    if cfg.algorithm == "nft" and cfg.offload_model:
+        raise UserError("--offload_model is not supported with --algorithm nft yet; drop it or use --dit_fsdp")
+    if cfg.noise_level == 0 and rollout_solver(cfg) == "sde" and cfg.algorithm == "grpo":
         raise UserError("--noise_level 0 makes every step deterministic, so nothing can be trained; use e.g. 0.7 "
                         "(flow) or 0.3 (dance)")
     k = cfg.optimizer_steps_per_rollout
@@ -54,12 +65,19 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
 
 
+def rollout_solver(cfg: TrainConfig) -> str:
+    """--sample_solver, or its default: sde for GRPO, unipc for NFT."""
+    return cfg.sample_solver or ("sde" if cfg.algorithm == "grpo" else "unipc")
+
+
 def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
     """Settings against the model's expert split, from config files only (before weights load)."""
     trained = train_expert_indices(cfg.train_experts, (info.has_high, info.has_low))
     plan = plan_steps(sampler, partial(route, boundary_ratio=info.boundary_ratio,
                                        num_train_timesteps=info.num_train_timesteps,
                                        present=(info.has_high, info.has_low)))
+    if cfg.algorithm == "nft":  # NFT trains on the noise levels of every step, whatever the solver
+        plan = dataclasses.replace(plan, stochastic=torch.ones_like(plan.stochastic))
     owned = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in trained}
     per_sample = sum(transitions_per_sample(n, cfg.timestep_fraction) for n in owned.values())
     split = describe_steps(plan)

@@ -45,6 +45,9 @@ class PolicyConfig(ModelConfig):
 
 @dataclass
 class TrainConfig(RewardConfig, PolicyConfig):
+    algorithm: str = opt("grpo", "grpo (Flow-GRPO: SDE rollouts with log-probs, PPO-clip) or nft (DiffusionNFT: "
+                                 "any solver, trains on the forward process of the clean samples; docs/math.md).",
+                         choices=("grpo", "nft"))
     # Data
     prompts: str | None = opt(None, "Prompt file: .txt (one per line) or .jsonl with a 'prompt' field. "
                                     "Default: five built-in prompts (a cat in snow, a sunset, ...).")
@@ -60,6 +63,9 @@ class TrainConfig(RewardConfig, PolicyConfig):
     sde_window: str | None = opt(None, "Steps START:END (half-open) that take SDE steps and are trained; "
                                        "Euler elsewhere (Flow-GRPO-Fast, MixGRPO). Default: all steps.")
     share_noise: bool = opt(False, "Same initial noise for every sample of a group (DanceGRPO).")
+    sample_solver: str | None = opt(None, "Rollout solver: sde (GRPO's, the only one it takes); nft takes unipc, "
+                                          "euler or sde. Default: sde for grpo, unipc for nft.",
+                                    choices=("sde", "unipc", "euler"))
     rollout_batch_size: int = opt(0, "Samples per model call in rollouts (0: all at once).", ge=0)
     decode_batch_size: int | None = opt(None, "Videos per VAE decode call after a rollout. Default: the preset's "
                                               "(1; 16 for shapes). A short last batch is padded, so a video's "
@@ -72,6 +78,11 @@ class TrainConfig(RewardConfig, PolicyConfig):
     clip_range: float = opt(1e-4, "PPO clip range epsilon.", gt=0)
     kl_coef: float = opt(0.0, "Weight of the KL to the reference policy (LoRA: adapters disabled).", ge=0)
     optimizer_steps_per_rollout: int = opt(1, "Optimizer steps per rollout (1: the rollout is one step).", ge=1)
+    nft_beta: float = opt(1.0, "nft: strength b of the implicit positive/negative policies v+- (DiffusionNFT's "
+                               "beta).", gt=0)
+    nft_decay_type: int = opt(1, "nft: schedule of the old policy's soft update old <- d old + (1 - d) new after "
+                                 "each rollout, k optimizer steps in: 0 (d = 0), 1 (min(0.001 k, 0.5)), 2 (0 until "
+                                 "k = 75, then min(0.0075 (k - 75), 0.999)), as DiffusionNFT.", choices=(0, 1, 2))
     train_batch_size: int = opt(4, "Transitions (sample, step) per forward/backward micro-batch.", ge=1)
     # Distributed (README "Many GPUs")
     t5_fsdp: bool = opt(False, "Accepted for command lines written for Wan2.2's generate.py: the text encoder "

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from wan_grpo.errors import UserError
+from wan_grpo.tasks.shapes.splits import SPLITS, load_split
 from wan_grpo.video import check_image_file
 
 # Used when no --prompts file is given.
@@ -67,7 +68,6 @@ def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[l
 
 def shapes_prompt_set(spec: str, *, flag: str = "--prompts") -> list[str]:
     """``shapes:SPLIT`` (both levels) or ``shapes:LEVEL:SPLIT``: a shipped Shapes prompt list."""
-    from wan_grpo.tasks.shapes.splits import SPLITS, load_split
 
     parts = spec.split(":")[1:]
     levels, split = ((1, 2), parts[0]) if len(parts) == 1 else ((parts[0],), parts[-1])

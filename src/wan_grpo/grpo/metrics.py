@@ -69,3 +69,20 @@ def read_metrics(save_dir: str | Path) -> list[dict]:
             raise UserError(f"{path}:{n} has no integer 'step'; delete or fix that line")
         rows.append(row)
     return rows
+
+
+def log_row(row: dict) -> None:
+    log.info("step %d  reward %.4f +- %.4f  loss %.3g  ratio %.6f  clip %.3f  grad %.3g/%.3g  "
+             "(rollout %.1fs reward %.1fs train %.1fs)", row["step"], row["reward_mean"], row["reward_std"],
+             row["loss"], row["ratio_mean"], row["clipfrac"], row["grad_norm_high"], row["grad_norm_low"],
+             row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
+
+
+def print_summary(save_dir: Path) -> None:
+    """Mean reward of the first and last (up to) 10 optimizer steps of the whole run."""
+
+    rewards = [row["reward_mean"] for row in read_metrics(save_dir) if row.get("reward_mean") is not None]
+    if len(rewards) >= 2:
+        n = min(10, len(rewards) // 2)
+        first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
+        print(f"reward_mean: first {n} steps {first:.4f} -> last {n} steps {last:.4f} ({last - first:+.4f})")

@@ -12,6 +12,7 @@ from functools import partial
 import torch
 from diffusers.training_utils import cast_training_params
 
+from wan_grpo.distributed.parallelize import shard_expert
 from wan_grpo.errors import UserError
 from wan_grpo.seeding import lora_init_seed, seeded_global_rng
 from wan_grpo.specs import EXPERT_LABELS, Expert
@@ -47,6 +48,40 @@ class Policy:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     lora: bool
     references: dict[Expert, torch.nn.Module] | None = None  # frozen copies for KL with full fine-tuning
+    # DiffusionNFT's old policy: a copy of every trained parameter (LoRA or full), sharded like it
+    old: dict[str, torch.Tensor] | None = None
+
+    def trained_named_parameters(self):
+        """(name, parameter) of every trained parameter, named "<expert label>.<name in the expert>"."""
+        for idx, expert in self.experts.items():
+            for name, p in expert.named_parameters():
+                if p.requires_grad:
+                    yield f"{idx.label}.{name}", p
+
+    def keep_old_copy(self) -> None:
+        """Start the old policy as a copy of the current trained parameters."""
+        self.old = {name: p.detach().clone() for name, p in self.trained_named_parameters()}
+
+    @torch.no_grad()
+    def soft_update_old(self, decay: float) -> None:
+        """old <- decay * old + (1 - decay) * current (DiffusionNFT's update of the sampling policy)."""
+        for name, p in self.trained_named_parameters():
+            self.old[name].mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+
+    @contextmanager
+    def old_weights(self):
+        """Inside, the trained parameters hold the old policy's values (restored on exit, bit for bit)."""
+        params = dict(self.trained_named_parameters())
+        current = {name: p.detach().clone() for name, p in params.items()}
+        try:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(self.old[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(current[name])
 
     def modules(self) -> torch.nn.ModuleDict:
         """The trained experts under their labels ("high", "low"), for state-dict utilities."""
@@ -110,7 +145,7 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
     from peft import LoraConfig
 
     indices = train_expert_indices(cfg.train_experts, components.presence)
-    experts = {i: (components.transformer, components.transformer_2)[i] for i in indices}
+    experts = {i: components.expert(i) for i in indices}
     for module in (components.transformer, components.transformer_2):
         if module is not None:
             module.requires_grad_(False)
@@ -140,7 +175,6 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
             expert.enable_gradient_checkpointing()
         expert.train()
     if fsdp:
-        from wan_grpo.distributed.parallelize import shard_expert
 
         # frozen experts run forward passes too (rollouts): shard every present expert
         for module in (components.transformer, components.transformer_2, *(references or {}).values()):

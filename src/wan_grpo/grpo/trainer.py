@@ -1,6 +1,8 @@
-"""``wan-grpo train``: rollout -> rewards -> group advantages -> PPO-clip per expert -> checkpoint.
+"""``wan-grpo train``: rollout -> rewards -> group advantages -> the algorithm's update -> checkpoint.
 
-How this departs from the papers it draws on (say it, nanochat-style):
+The algorithm (grpo/algorithms.py) is Flow-GRPO by default, or DiffusionNFT (``--algorithm nft``).
+
+How the GRPO path departs from the papers it draws on (say it, nanochat-style):
 - SDE: Flow-GRPO's flow SDE by default (``--sde_type dance|cps`` for DanceGRPO's or CPS); the
   log-prob is the exact Gaussian density in float32, MEAN-reduced over latent elements.
 - Advantages: per group and per reward component, population std + 1e-4, combined by weights,
@@ -28,7 +30,9 @@ from tqdm.auto import tqdm
 from wan_grpo.config import parse_size
 from wan_grpo.distributed import DistInfo, cleanup, context_parallel, gather_samples, init_distributed
 from wan_grpo.errors import UserError
+from wan_grpo.evaluate import generate_and_score, summarize
 from wan_grpo.grpo.advantages import best_of_n, group_advantages
+from wan_grpo.grpo.algorithms import ALGORITHMS, Rollout
 from wan_grpo.grpo.checkpoint import (
     check_resumable,
     load_checkpoint,
@@ -36,20 +40,21 @@ from wan_grpo.grpo.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from wan_grpo.grpo.checks import check_schedule, parse_window, validate
+from wan_grpo.grpo.checks import check_schedule, parse_window, rollout_solver, validate
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.data import PromptOrder, load_prompt_records
-from wan_grpo.grpo.metrics import MetricsWriter
+from wan_grpo.grpo.metrics import MetricsWriter, log_row, print_summary
 from wan_grpo.grpo.policy import Policy, build_policy
 from wan_grpo.grpo.preemption import Preempted, StopRequests
-from wan_grpo.grpo.update import UpdateStats, policy_update, select_transitions
+from wan_grpo.grpo.update import UpdateStats
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
+from wan_grpo.plan import train_estimate
 from wan_grpo.rewards import RewardSet, build_rewards
 from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_config, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
-from wan_grpo.sampling.rollout import SamplerConfig, latent_shape, rollout_groups
+from wan_grpo.sampling.rollout import SamplerConfig, latent_shape
 from wan_grpo.seeding import sample_seed, seed_everything
 from wan_grpo.specs import EXPERT_LABELS, PRESETS, default_reward
 from wan_grpo.video import write_mp4
@@ -76,6 +81,7 @@ class Run:
     images: list[str | None]  # per prompt (image-to-video models), else all None
     eval_images: list[str | None]
     resume: Path | None  # the checkpoint to continue from
+    algorithm: object  # grpo/algorithms.py: GRPO or NFT
 
     def local_slice(self, total: int) -> slice:
         per = total // self.dist.dp_size  # context-parallel peers share their slot's samples
@@ -88,7 +94,34 @@ def _bar(total, desc, *, main: bool = True):
 
 def grpo_rollout_step(run: Run, r: int) -> list[dict]:
     """One rollout and its optimizer steps; returns one metrics row per optimizer step."""
-    cfg, n, main = run.cfg, run.cfg.num_generations, run.dist.is_main
+    cfg, main = run.cfg, run.dist.is_main
+    t0 = time.perf_counter()
+    batch, videos = _rollout(run, r)
+    t1 = time.perf_counter()
+    scores = _score(run, batch, videos, r)
+    adv, keep = _advantages(run, scores)
+    t2 = time.perf_counter()
+    if scores.finite and bool(torch.isfinite(adv.values).all()):
+        for e in run.policy.experts.values():
+            e.train()
+        mine = run.local_slice(len(keep))
+        with _bar(None, "train", main=main) as bar:
+            updates = run.algorithm.update(run, batch, adv.values[mine], keep[mine], rollout_index=r,
+                                           progress=bar.update)
+    else:
+        log.warning("non-finite rewards or advantages at rollout %d: update skipped, weights unchanged", r + 1)
+        updates = [UpdateStats(skipped=True) for _ in range(cfg.optimizer_steps_per_rollout)]
+    run.counters["skipped_updates"] += sum(u.skipped for u in updates)
+    t3 = time.perf_counter()
+    if main and cfg.sample_interval and (r + 1) % cfg.sample_interval == 0:
+        _write_sample(run, r, videos[0], batch.prompts[0])
+    timings = {"rollout_seconds": t1 - t0, "reward_seconds": t2 - t1, "train_seconds": t3 - t2}
+    return _metrics_rows(run, r, scores, adv, keep, updates, timings)
+
+
+def _rollout(run: Run, r: int) -> tuple[Rollout, list[torch.Tensor]]:
+    """Sample this rank's share of the rollout's groups (seeds by global sample index) and decode them."""
+    cfg, n = run.cfg, run.cfg.num_generations
     picked = run.order.batch_indices(r)
     prompts = [run.order.prompts[i] for i in picked]
     neg = run.cache.get([cfg.negative_prompt])
@@ -103,78 +136,78 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
         per_prompt = encode_images(run.components, [run.images[i] for i in picked], width=width, height=height,
                                    frame_num=cfg.frame_num, device=run.device)
         image = per_prompt[torch.arange(len(seeds)) // n][mine]
-
-    t0 = time.perf_counter()
     for e in run.policy.experts.values():
         e.eval()
-    with _bar(len(seeds[mine]), "rollout", main=main) as bar:
-        traj = rollout_groups(
-            run.denoiser, cond, neg, latent_shape_one=run.shape_one, seeds=seeds[mine],
-            noise_seeds=noise_seeds[mine], config=run.sampler, micro_batch=cfg.rollout_batch_size,
-            storage_dtype=torch.bfloat16 if cfg.trajectory_dtype == "bf16" else torch.float32,
-            storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=bar.update, image=image)
+    with _bar(len(seeds[mine]), "rollout", main=run.dist.is_main) as bar:
+        final, traj = run.algorithm.sample(run, cond, neg, seeds=seeds[mine], noise_seeds=noise_seeds[mine],
+                                           image=image, progress=bar.update)
     # the conditioning frame is kept exactly
-    final = traj.final_latents if image is None else image.keep_generated(traj.final_latents.float())
+    final = final if image is None else image.keep_generated(final.float())
     decode_batch = cfg.decode_batch_size or PRESETS[cfg.task].decode_batch_size
     videos = list(decode_latents(run.components.vae, final, micro_batch=decode_batch))
-    t1 = time.perf_counter()
+    batch = Rollout(prompts=prompts, sample_prompts=sample_prompts[mine], seeds=seeds[mine], cond=cond, negative=neg,
+                    image=image, final_latents=final, trajectory=traj)
+    return batch, videos
 
-    with _bar(len(run.rewards.entries), "reward", main=main) as bar:
-        local = run.rewards(videos, sample_prompts[mine], fps=cfg.fps)
+
+@dataclass
+class Scores:
+    components: dict[str, torch.Tensor]  # every reward component of every global sample
+    scored: torch.Tensor  # (groups,) bool: every sample of the group has a finite score
+    total: torch.Tensor  # weighted total reward of the scored samples
+
+    @property
+    def finite(self) -> bool:
+        return bool(self.scored.any())
+
+
+def _score(run: Run, batch: Rollout, videos: list[torch.Tensor], r: int) -> Scores:
+    cfg, n = run.cfg, run.cfg.num_generations
+    with _bar(len(run.rewards.entries), "reward", main=run.dist.is_main) as bar:
+        local = run.rewards(videos, batch.sample_prompts, fps=cfg.fps)
         components = {k: gather_samples(v.to(run.device), run.dist.cp_size).cpu() for k, v in local.items()}
         bar.update(len(run.rewards.entries))
     # A sample without a finite score (e.g. a reward-server batch that failed after its retries)
     # takes its whole group out of the update: no made-up score ever reaches the advantages.
     scored = torch.stack([torch.isfinite(components[c]) for c in run.rewards.weighted]).all(0).view(-1, n).all(1)
-    scored_samples = scored.repeat_interleave(n)
     if not bool(scored.all()):
         run.counters["unscored_groups"] += int((~scored).sum())
         log.warning("rollout %d: %d of %d groups have no finite reward and are left out of the update", r + 1,
                     int((~scored).sum()), len(scored))
-    total_reward = run.rewards.total(components)[scored_samples]
-    adv = group_advantages(components, run.rewards.coefs, group_size=n, global_std=cfg.global_std,
+    total = run.rewards.total(components)[scored.repeat_interleave(n)]
+    return Scores(components=components, scored=scored, total=total)
+
+
+def _advantages(run: Run, scores: Scores):
+    cfg, n = run.cfg, run.cfg.num_generations
+    adv = group_advantages(scores.components, run.rewards.coefs, group_size=n, global_std=cfg.global_std,
                            drop_zero_std_groups=cfg.drop_zero_std_groups, clip_max=cfg.adv_clip_max,
-                           valid_groups=scored)
-    keep = adv.keep & best_of_n(adv.values, n, cfg.best_of_n)
+                           valid_groups=scores.scored)
     run.counters["dropped_groups"] += adv.dropped_groups
-    t2 = time.perf_counter()
+    return adv, adv.keep & best_of_n(adv.values, n, cfg.best_of_n)
 
-    finite = bool(scored.any()) and bool(torch.isfinite(adv.values).all())
-    k = cfg.optimizer_steps_per_rollout
-    if not finite:
-        log.warning("non-finite rewards or advantages at rollout %d: update skipped, weights unchanged", r + 1)
-        updates = [UpdateStats(skipped=True) for _ in range(k)]
-    else:
-        for e in run.policy.experts.values():
-            e.train()
-        transitions = select_transitions(traj, seeds[mine], fraction=cfg.timestep_fraction, num_chunks=k,
-                                         experts=tuple(run.policy.experts))
-        uncond = neg.expand(len(cond), -1, -1)
-        with _bar(len(transitions), "train", main=main) as bar:
-            updates = policy_update(run.denoiser, run.policy, traj, adv.values[mine], keep[mine].float(),
-                                    transitions, cond, uncond, cfg=cfg, dist=run.dist, device=run.device,
-                                    progress=bar.update, image=image)
-    run.counters["skipped_updates"] += sum(u.skipped for u in updates)
-    t3 = time.perf_counter()
 
-    if main and cfg.sample_interval and (r + 1) % cfg.sample_interval == 0:
-        path = run.save_dir / "samples" / f"step-{(r + 1) * k:06d}.mp4"
-        write_mp4(path, videos[0].numpy(), fps=cfg.fps)
-        with (run.save_dir / "samples" / "prompts.txt").open("a", encoding="utf-8") as f:
-            f.write(f"{path.name}\t{prompts[0]}\n")
+def _write_sample(run: Run, r: int, video: torch.Tensor, prompt: str) -> None:
+    path = run.save_dir / "samples" / f"step-{(r + 1) * run.cfg.optimizer_steps_per_rollout:06d}.mp4"
+    write_mp4(path, video.numpy(), fps=run.cfg.fps)
+    with (run.save_dir / "samples" / "prompts.txt").open("a", encoding="utf-8") as f:
+        f.write(f"{path.name}\t{prompt}\n")
 
+
+def _metrics_rows(run: Run, r: int, scores: Scores, adv, keep, updates: list[UpdateStats], timings: dict) -> list:
+    cfg, k = run.cfg, run.cfg.optimizer_steps_per_rollout
+    scored_samples = scores.scored.repeat_interleave(cfg.num_generations)
+    total = scores.total
     base = {
         "rollout": r + 1,
         "epoch": run.order.epoch_of(r),
-        "reward_mean": float(total_reward.mean()) if len(total_reward) else math.nan,
-        "reward_std": float(total_reward.std(unbiased=False)) if len(total_reward) else math.nan,
-        **{f"reward_{c}_mean": float(v[scored_samples].nanmean()) if bool(scored.any()) else math.nan
-           for c, v in components.items()},
+        "reward_mean": float(total.mean()) if len(total) else math.nan,
+        "reward_std": float(total.std(unbiased=False)) if len(total) else math.nan,
+        **{f"reward_{c}_mean": float(v[scored_samples].nanmean()) if scores.finite else math.nan
+           for c, v in scores.components.items()},
         "advantage_abs_mean": float(adv.values[keep].abs().mean()) if keep.any() else 0.0,
         "kept_samples": int(keep.sum()),
-        "rollout_seconds": t1 - t0,
-        "reward_seconds": t2 - t1,
-        "train_seconds": t3 - t2,
+        **timings,
     }
     if run.eval_prompts and cfg.eval_interval and (r + 1) % cfg.eval_interval == 0:
         base.update(evaluate_policy(run))
@@ -186,6 +219,7 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
             **{f"grad_norm_{name}": u.grad_norm[name] for name in EXPERT_LABELS},
             **{f"trained_steps_{name}": u.trained_steps[name] for name in EXPERT_LABELS},
             **{f"lr_{e.label}": u.lr.get(e.label, math.nan) for e in run.policy.experts},
+            **u.extra,
             "skipped_updates": run.counters["skipped_updates"],
             "dropped_groups": run.counters["dropped_groups"],
             "unscored_groups": run.counters["unscored_groups"],
@@ -195,7 +229,6 @@ def grpo_rollout_step(run: Run, r: int) -> list[dict]:
 
 def evaluate_policy(run: Run) -> dict:
     """Mean of every reward component over the held-out prompts, sampled deterministically."""
-    from wan_grpo.evaluate import generate_and_score, summarize
 
     for e in run.policy.experts.values():
         e.eval()
@@ -214,8 +247,8 @@ def setup(cfg: TrainConfig) -> Run:
     eval_prompts, eval_images = load_prompt_records(cfg.eval_prompts, flag="--eval_prompts") if cfg.eval_interval \
         else ([], [])
     cfg, model_info = resolve_config(cfg)
-    sampler = SamplerConfig(solver="sde", steps=cfg.sampling_steps, shift=cfg.sample_shift, sde_type=cfg.sde_type,
-                            noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
+    sampler = SamplerConfig(solver=rollout_solver(cfg), steps=cfg.sampling_steps, shift=cfg.sample_shift,
+                            sde_type=cfg.sde_type, noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
     check_schedule(cfg, model_info, sampler)
     resume = resolve_resume(cfg.resume, save_dir)
     if resume is not None:
@@ -252,7 +285,6 @@ def setup(cfg: TrainConfig) -> Run:
     # The text encoder runs once per distinct prompt and is freed (so --t5_fsdp has nothing to shard).
     log.info("schedule: %s", describe_split(components, steps=cfg.sampling_steps, shift=cfg.sample_shift))
     if cfg.task != "tiny":  # the official architecture's estimate (wan-grpo plan), before anything is placed
-        from wan_grpo.plan import train_estimate
 
         log.info("estimated accelerator memory per process:\n%s",
                  "\n".join(train_estimate(cfg, nproc=info.world_size if cfg.dit_fsdp else 1)))
@@ -261,6 +293,8 @@ def setup(cfg: TrainConfig) -> Run:
     order = PromptOrder(prompts, batch_size=cfg.batch_size, seed=cfg.seed)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp, reference=cfg.kl_coef > 0,
                           total_steps=total_rollouts(cfg, order) * cfg.optimizer_steps_per_rollout)
+    if cfg.algorithm == "nft":
+        policy.keep_old_copy()  # the sampling policy; a resumed run loads its saved values
     if cfg.ulysses_size > 1:
         context_parallel.enable(list(components.experts.values()), cp_size=cfg.ulysses_size, device_type=device.type)
         log.info("Ulysses: each video's tokens split over %d ranks; %d data-parallel slots", cfg.ulysses_size,
@@ -275,7 +309,7 @@ def setup(cfg: TrainConfig) -> Run:
                sampler=sampler, shape_one=shape_one, order=order, device=device, save_dir=save_dir,
                counters={"skipped_updates": 0, "dropped_groups": 0, "unscored_groups": 0},
                dist=info, eval_prompts=eval_prompts, images=images, eval_images=eval_images,
-               resume=resume)
+               resume=resume, algorithm=ALGORITHMS[cfg.algorithm]())
 
 
 def total_rollouts(cfg: TrainConfig, order: PromptOrder) -> int:
@@ -305,9 +339,10 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         log.info("resumed from %s (step %d)", run.resume, state["step"])
     total = total_rollouts(cfg, run.order)
     metrics = MetricsWriter(run.save_dir, tensorboard=cfg.tensorboard, resume_step=start * k) if main else None
-    log.info("GRPO on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d SDE steps (%s), "
-             "%d process(es)", cfg.task, len(run.order.prompts), total, k, cfg.num_generations, cfg.sampling_steps,
-             cfg.sde_type, run.dist.world_size)
+    solver = run.sampler.solver if run.sampler.solver != "sde" else f"SDE ({cfg.sde_type})"
+    log.info("%s on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d %s steps, "
+             "%d process(es)", cfg.algorithm.upper(), cfg.task, len(run.order.prompts), total, k, cfg.num_generations,
+             cfg.sampling_steps, solver, run.dist.world_size)
     saved_at = start * k if run.resume is not None else None  # the step whose checkpoint is on disk
     try:
         for r in tqdm(range(start, total), desc="GRPO", initial=start, total=total, disable=None if main else True):
@@ -323,7 +358,7 @@ def _loop(run: Run, stop: StopRequests) -> Path:
                 metrics.write(row)
             step = rows[-1]["step"]
             if cfg.log_interval and (r + 1) % cfg.log_interval == 0:
-                _log_row(rows[-1])
+                log_row(rows[-1])
             if (cfg.save_interval and (r + 1) * k // cfg.save_interval > r * k // cfg.save_interval) or r + 1 == total:
                 save_checkpoint(run.save_dir, step, run.policy, _state(run, r + 1), is_main=main,
                                 keep=cfg.keep_checkpoints)
@@ -334,7 +369,7 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         if metrics is not None:
             metrics.close()
     if main:
-        _print_summary(run.save_dir)
+        print_summary(run.save_dir)
         print(f"metrics: {run.save_dir / 'metrics.jsonl'}  (TensorBoard: {run.save_dir / 'tb'})")
         if cfg.sample_interval:
             print(f"samples: {run.save_dir / 'samples'}")
@@ -348,24 +383,6 @@ def _test_pause() -> None:
     delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)
-
-
-def _log_row(row: dict) -> None:
-    log.info("step %d  reward %.4f +- %.4f  loss %.3g  ratio %.6f  clip %.3f  grad %.3g/%.3g  "
-             "(rollout %.1fs reward %.1fs train %.1fs)", row["step"], row["reward_mean"], row["reward_std"],
-             row["loss"], row["ratio_mean"], row["clipfrac"], row["grad_norm_high"], row["grad_norm_low"],
-             row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
-
-
-def _print_summary(save_dir: Path) -> None:
-    """Mean reward of the first and last (up to) 10 optimizer steps of the whole run."""
-    from wan_grpo.grpo.metrics import read_metrics
-
-    rewards = [row["reward_mean"] for row in read_metrics(save_dir) if row.get("reward_mean") is not None]
-    if len(rewards) >= 2:
-        n = min(10, len(rewards) // 2)
-        first, last = sum(rewards[:n]) / n, sum(rewards[-n:]) / n
-        print(f"reward_mean: first {n} steps {first:.4f} -> last {n} steps {last:.4f} ({last - first:+.4f})")
 
 
 def _state(run: Run, rollouts_done: int) -> dict:

@@ -24,9 +24,6 @@ from wan_grpo.specs import EXPERT_LABELS, EXPERTS, Expert
 log = logging.getLogger("wan_grpo")
 
 
-STATS = ("loss", "ratio", "clipfrac", "approx_kl", "kl", "non_finite")  # sums over weighted transitions
-
-
 @dataclass
 class UpdateStats:
     """One optimizer step. Means are over the step's trained transitions of every rank; NaN when the
@@ -41,11 +38,21 @@ class UpdateStats:
     trained_steps: dict[str, int] = field(default_factory=lambda: {n: 0 for n in EXPERT_LABELS})
     lr: dict[str, float] = field(default_factory=dict)  # by trained expert: the rate this step used
     skipped: bool = False
+    extra: dict[str, float] = field(default_factory=dict)  # an algorithm's own statistics (NFT's L+, L-, ...)
 
 
 def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, num_chunks: int,
                        experts: tuple[Expert, ...] = EXPERTS) -> torch.Tensor:
-    """(M, 3) long rows (sample, step, chunk) for every local sample.
+    """(M, 3) long rows (sample, step, chunk) for every local sample: ``select_steps`` over the
+    trajectory's trainable (stochastic) steps."""
+    return select_steps(traj.trainable, traj.experts, seeds, fraction=fraction, num_chunks=num_chunks,
+                        experts=experts)
+
+
+def select_steps(trainable: torch.Tensor, owners: torch.Tensor, seeds: list[int], *, fraction: float,
+                 num_chunks: int, experts: tuple[Expert, ...] = EXPERTS) -> torch.Tensor:
+    """(M, 3) long rows (sample, step, chunk) for every local sample, among the steps where
+    ``trainable`` (T,) holds; ``owners`` (T,) is each step's expert.
 
     Per sample and per trained expert (``experts``), a random ``fraction`` of that expert's trainable
     steps (at least one), drawn from the sample's own seeded stream; the chosen steps (high expert's
@@ -58,7 +65,7 @@ def select_transitions(traj: Trajectory, seeds: list[int], *, fraction: float, n
         gen = stream(seed, TIMESTEPS)
         chosen = []
         for e in Expert:
-            steps = torch.nonzero(traj.trainable & (traj.experts == e)).flatten()
+            steps = torch.nonzero(trainable & (owners == e)).flatten()
             if len(steps) == 0:
                 continue
             k = transitions_per_sample(len(steps), fraction)
@@ -113,64 +120,87 @@ def policy_update(
     sums by world_size / that expert's global count. A step with no weighted transition is skipped
     (no optimizer or LR-schedule step) and reported as such.
     """
+    def row_loss(expert, rows):
+        s, t = rows[:, 0], rows[:, 1]
+        unc = None if uncond is None else uncond[s.to(uncond.device)]
+        img = None if image is None else image[s.to(image.latents.device)]
+        out = replay.replay_transitions(denoiser, traj, s, t, cond[s.to(cond.device)], unc,
+                                        expert=expert, device=device, image=img)
+        per_transition, st = ppo_clip_loss(out.log_prob, traj.log_probs[s, t].to(device), advantages[s].to(device),
+                                           cfg.clip_range)
+        kl = torch.zeros_like(per_transition)
+        if cfg.kl_coef > 0:
+            with torch.no_grad(), policy.reference(denoiser) as ref_denoiser:
+                ref = replay.replay_transitions(ref_denoiser, traj, s, t, cond[s.to(cond.device)], unc,
+                                                expert=expert, device=device, image=img)
+            kl = gaussian_kl(out.mean, ref.mean, out.std, None if img is None else img.generated)
+        return per_transition + cfg.kl_coef * kl, {"ratio": st["ratio"], "clipfrac": st["clipfrac"],
+                                                  "approx_kl": st["approx_kl"], "kl": kl.detach()}
+
+    results = []
+    for stats, means in optimizer_steps(policy, denoiser.placement, transitions, traj.experts, weights, cfg=cfg,
+                                        dist=dist, row_loss=row_loss, progress=progress):
+        if means:
+            stats.ratio_mean, stats.clipfrac = means["ratio"], means["clipfrac"]
+            stats.approx_kl, stats.kl = means["approx_kl"], means["kl"]
+        results.append(stats)
+    return results
+
+
+def optimizer_steps(policy, placement, rows: torch.Tensor, owners: torch.Tensor, weights: torch.Tensor, *, cfg,
+                    dist: DistInfo, row_loss, progress=None) -> list[tuple[UpdateStats, dict[str, float]]]:
+    """``cfg.optimizer_steps_per_rollout`` optimizer steps over ``rows`` (sample, step, chunk, ...), chunk j
+    in step j, in micro-batches of one expert each (``owners`` (T,) is each step's expert).
+
+    ``row_loss(expert, batch) -> (loss (B,), {name: (B,) detached})`` is the algorithm's. Each expert's
+    objective is the ``weights``-weighted mean of its rows over every rank; weight-0 rows are still run
+    when several ranks train (equal passes), and a step with no weighted row is skipped. Returns each
+    step's stats and the weighted means of the named terms (empty when skipped).
+    """
     world, cp = dist.world_size, dist.cp_size  # CP peers hold the same samples: counts are divided by cp
     if world == 1:
-        transitions = transitions[weights[transitions[:, 0]] > 0]
+        rows = rows[weights[rows[:, 0]] > 0]
     results = []
     for j in range(cfg.optimizer_steps_per_rollout):
-        chunk = transitions[transitions[:, 2] == j]
+        chunk = rows[rows[:, 2] == j]
         stats = UpdateStats()
         policy.optimizer.zero_grad(set_to_none=True)
-        owner = traj.experts[chunk[:, 1]]
+        owner = owners[chunk[:, 1]]
         local = torch.stack([weights[chunk[:, 0]][owner == e].double().sum() for e in Expert])
         counts = all_reduce_sum(local) / cp  # one collective for both experts' global counts
         for e in Expert:
             stats.trained_steps[e.label] = int(round(float(counts[e])))
         if float(counts.sum()) == 0:  # nothing to train (all groups dropped): every rank agrees
             stats.skipped = True
-            results.append(stats)
+            results.append((stats, {}))
             continue
-        sums = dict.fromkeys(STATS, 0.0)
-        for expert, rows in _micro_batches(chunk, traj.experts, cfg.train_batch_size):
-            s, t = rows[:, 0], rows[:, 1]
-            unc = None if uncond is None else uncond[s.to(uncond.device)]
-            img = None if image is None else image[s.to(image.latents.device)]
-            out = replay.replay_transitions(denoiser, traj, s, t, cond[s.to(cond.device)], unc,
-                                            expert=expert, device=device, image=img)
-            adv = advantages[s].to(device)
-            w = weights[s].to(device, torch.float32)
-            old = traj.log_probs[s, t].to(device)
-            per_transition, st = ppo_clip_loss(out.log_prob, old, adv, cfg.clip_range)
-            kl = torch.zeros_like(per_transition)
-            if cfg.kl_coef > 0:
-                with torch.no_grad(), policy.reference(denoiser) as ref_denoiser:
-                    ref = replay.replay_transitions(ref_denoiser, traj, s, t, cond[s.to(cond.device)], unc,
-                                                    expert=expert, device=device, image=img)
-                kl = gaussian_kl(out.mean, ref.mean, out.std, None if img is None else img.generated)
+        sums: dict[str, float] = {"loss": 0.0, "non_finite": 0.0}
+        for expert, batch in _micro_batches(chunk, owners, cfg.train_batch_size):
+            per_row, terms = row_loss(expert, batch)
+            w = weights[batch[:, 0]].to(per_row.device, torch.float32)
             scale = world / max(float(counts[expert]), 1.0)  # 0 only when every w here is 0
-            loss = (w * (per_transition + cfg.kl_coef * kl)).sum() * scale
+            loss = (w * per_row).sum() * scale
             bad = not torch.isfinite(loss)
             if bad:  # keep going: every rank must run the same passes
                 loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0
             loss.backward()
-            for key, value in (("loss", loss.detach() / world), ("ratio", (w * st["ratio"]).sum()),
-                               ("clipfrac", (w * st["clipfrac"]).sum()), ("approx_kl", (w * st["approx_kl"]).sum()),
-                               ("kl", (w * kl.detach()).sum()), ("non_finite", bad)):
-                sums[key] += float(value)
+            sums["loss"] += float(loss.detach() / world)
+            sums["non_finite"] += bad
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float((w * value).sum())
             if progress is not None:
-                progress(len(rows))
-        # one collective for every statistic; CP peers hold the same samples
-        reduced = all_reduce_sum(torch.tensor([sums[k] for k in STATS], dtype=torch.float64)) / cp
-        sums = dict(zip(STATS, reduced.tolist()))
+                progress(len(batch))
+        # one collective for every statistic
+        keys = sorted(sums)
+        reduced = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)) / cp
+        sums = dict(zip(keys, reduced.tolist()))
         n = float(counts.sum())
         stats.loss = sums["loss"]
-        stats.ratio_mean, stats.clipfrac = sums["ratio"] / n, sums["clipfrac"] / n
-        stats.approx_kl, stats.kl = sums["approx_kl"] / n, sums["kl"] / n
         stats.grad_norm.update(clip_gradients(policy, cfg.max_grad_norm))
         stats.lr = current_lrs(policy)
-        stats.skipped = not finish_step(policy, denoiser.placement, finite=sums["non_finite"] == 0 and all(
+        stats.skipped = not finish_step(policy, placement, finite=sums["non_finite"] == 0 and all(
             math.isfinite(v) for v in stats.grad_norm.values()))
-        results.append(stats)
+        results.append((stats, {k: v / n for k, v in sums.items() if k not in ("loss", "non_finite")}))
     return results
 
 

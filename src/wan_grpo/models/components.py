@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
+from wan_grpo.specs import Expert
+
 
 @dataclass
 class WanComponents:
@@ -25,11 +27,13 @@ class WanComponents:
     text_setup: object | None = None  # runtime.TextSetup: --embedding_cache / --t5_cpu / deferred encoder load
     text_len: int = 512  # tokens per prompt embedding: Wan2.2's 512, or less when the tokenizer's config says so
 
+    def expert(self, expert: Expert) -> WanTransformer3DModel | None:
+        return getattr(self, expert.diffusers_dir)
+
     @property
     def experts(self) -> dict[str, WanTransformer3DModel]:
-        """Experts present, by name: ``high`` (transformer) and ``low`` (transformer_2)."""
-        named = {"high": self.transformer, "low": self.transformer_2}
-        return {k: v for k, v in named.items() if v is not None}
+        """Experts present, by label: ``high`` (transformer) and ``low`` (transformer_2)."""
+        return {e.label: m for e in Expert if (m := self.expert(e)) is not None}
 
     @property
     def presence(self) -> tuple[bool, bool]:

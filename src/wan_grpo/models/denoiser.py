@@ -78,11 +78,13 @@ class MoEDenoiser:
         *,
         expert: int | None = None,
         image=None,
+        use_cfg: bool | None = None,
     ) -> torch.Tensor:
         """Velocity (B, C, F, H, W) in float32. All B samples share one expert.
 
         ``t`` is a float or a (B,) tensor; cond and uncond run as one batch of 2B. ``image`` is an
         ImageCondition with B rows (I2V channels, or the TI2V kept first frame), or None.
+        ``use_cfg`` False predicts from the prompt alone whatever the guidance scales (NFT training).
         """
         batch = latents.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=latents.device)
@@ -95,7 +97,7 @@ class MoEDenoiser:
         model = self.experts[expert]
         dtype = model.dtype
         x = (latents if image is None else image.model_input(latents)).to(dtype)
-        cfg = self.uses_cfg
+        cfg = self.uses_cfg if use_cfg is None else use_cfg
         if cfg:
             if negative_embeds is None:
                 raise ValueError("guidance_scale > 1 needs negative prompt embeddings")

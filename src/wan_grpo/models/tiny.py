@@ -12,6 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
 from wan_grpo.models.components import WanComponents
+from wan_grpo.models.loading import ModelInfo
+from wan_grpo.models.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 from wan_grpo.specs import PRESETS
 
 TINY_TEXT_DIM = 32
@@ -79,7 +81,6 @@ def build_tiny_components(seed: int = 0, *, two_experts: bool = True, variant: s
             )
         ).eval()
         if variant == "ti2v":
-            from wan_grpo.models.original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
             vae = AutoencoderKLWan(
                 base_dim=8, z_dim=48, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
@@ -113,7 +114,6 @@ def build_tiny_components(seed: int = 0, *, two_experts: bool = True, variant: s
 
 def tiny_info():
     """The built-in tiny model's ModelInfo (what ``resolve_config`` checks settings against)."""
-    from wan_grpo.models.loading import ModelInfo
 
     return ModelInfo(task="tiny", has_high=True, has_low=True, boundary_ratio=TINY_BOUNDARY_RATIO,
                      expand_timesteps=False, in_channels=16, z_dim=16, default_shift=TINY_SHIFT)

@@ -16,6 +16,9 @@ import torch
 from wan_grpo.errors import UserError
 from wan_grpo.rewards.base import Reward
 from wan_grpo.rewards.builtin import BUILTIN, FrameStatReward
+from wan_grpo.rewards.remote import RemoteReward, reward_token
+from wan_grpo.runtime import resolve_device
+from wan_grpo.tasks.shapes.verifier import ShapesReward
 
 NAMES = (*BUILTIN, "shapes", "videoalign")
 
@@ -115,7 +118,6 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
     raising.
     """
     if cfg.reward_url:
-        from wan_grpo.rewards.remote import RemoteReward, reward_token
 
         remote = RemoteReward(cfg.reward_url, timeout=cfg.reward_timeout, retries=cfg.reward_retries,
                               token=reward_token(cfg),
@@ -130,7 +132,6 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
             entries.append((build_videoalign(cfg, device=cfg.reward_device or device), weight,
                             {"VQ": cfg.vq_coef, "MQ": cfg.mq_coef, "TA": cfg.ta_coef}))
         elif name == "shapes":
-            from wan_grpo.tasks.shapes.verifier import ShapesReward
 
             entries.append((ShapesReward(), weight, ShapesReward.coefs))
         elif name in BUILTIN:
@@ -147,7 +148,6 @@ def build_videoalign(cfg, *, device: torch.device | str):
     if not cfg.reward_model_path:
         raise UserError("--reward videoalign needs --reward_model_path DIR (the downloaded VideoReward folder with "
                         "model_config.json and checkpoint-*/)")
-    from wan_grpo.runtime import resolve_device
 
     device = resolve_device(str(device), flag="--reward_device" if cfg.reward_device else "--device")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -34,6 +34,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import torch
 
+from wan_grpo.errors import UserError
+
 log = logging.getLogger("wan_grpo")
 
 
@@ -142,7 +144,6 @@ class RemoteReward:
                 self.coefs.update(json.loads(response.read()).get("coefs", {}))
             self.components = tuple(self.coefs)  # so even a failed first batch can be dropped
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            from wan_grpo.errors import UserError
 
             raise UserError(f"no reward server answers at {self.url} ({exc}); start one with 'wan-grpo "
                             "reward-server --reward ... --port P' and pass --reward_url http://HOST:P") from exc

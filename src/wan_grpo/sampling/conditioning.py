@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from wan_grpo.errors import UserError
+from wan_grpo.models.vae import latent_stats
+
 KINDS = ("concat", "first_frame")
 
 
@@ -73,7 +76,6 @@ def image_mode(components) -> str:
 
 
 def check_image(components, has_image: bool, *, flag: str = "--image") -> None:
-    from wan_grpo.errors import UserError
 
     mode = image_mode(components)
     if mode == "required" and not has_image:
@@ -85,7 +87,6 @@ def check_image(components, has_image: bool, *, flag: str = "--image") -> None:
 
 def check_prompt_images(components, images: list, flag: str) -> None:
     """A prompt set's 'image' fields suit the model: all present for I2V, all or none for TI2V."""
-    from wan_grpo.errors import UserError
 
     if not images:
         return
@@ -103,7 +104,6 @@ def encode_images(components, images: list, *, width: int, height: int, frame_nu
     from diffusers.utils import load_image
     from diffusers.video_processor import VideoProcessor
 
-    from wan_grpo.models.vae import latent_stats
 
     vae = components.vae
     s, ts = components.vae_scale_factor_spatial, components.vae_scale_factor_temporal

@@ -211,6 +211,15 @@ def rollout(
     return latents, traj
 
 
+def _group_inputs(latent_shape_one, seeds, noise_seeds, negative_embeds, *, device):
+    """Each sample's initial noise (from its noise seed's stream) and the negative prompt per sample."""
+    noise_seeds = list(seeds) if noise_seeds is None else list(noise_seeds)
+    noise = torch.cat([initial_noise((1, *latent_shape_one[1:]), generator=stream(s, INITIAL_NOISE),
+                                     device=device) for s in noise_seeds])
+    uncond = None if negative_embeds is None else negative_embeds[:1].expand(len(seeds), -1, -1)
+    return noise, uncond
+
+
 def rollout_groups(
     denoiser,
     prompt_embeds: torch.Tensor,  # (P, L, D): one row per sample's prompt, P = len(seeds)
@@ -234,10 +243,7 @@ def rollout_groups(
     total = len(seeds)
     if prompt_embeds.shape[0] != total:
         raise ValueError(f"{prompt_embeds.shape[0]} prompt rows for {total} samples")
-    noise_seeds = list(seeds) if noise_seeds is None else list(noise_seeds)
-    noise = torch.cat([initial_noise((1, *latent_shape_one[1:]), generator=stream(s, INITIAL_NOISE),
-                                     device=device) for s in noise_seeds])
-    uncond = None if negative_embeds is None else negative_embeds[:1].expand(total, -1, -1)
+    noise, uncond = _group_inputs(latent_shape_one, seeds, noise_seeds, negative_embeds, device=device)
     step = micro_batch if micro_batch > 0 else total
     parts = []
     for start in range(0, total, step):
@@ -250,3 +256,41 @@ def rollout_groups(
         if progress is not None:
             progress(sl.stop - sl.start)
     return Trajectory.concat(parts)
+
+
+@torch.no_grad()
+def sample_groups(
+    denoiser,
+    prompt_embeds: torch.Tensor,  # (P, L, D): one row per sample's prompt, P = len(seeds)
+    negative_embeds: torch.Tensor | None,  # (1, L, D)
+    *,
+    latent_shape_one: tuple[int, ...],
+    seeds: list[int],
+    noise_seeds: list[int] | None = None,
+    config: SamplerConfig,
+    scheduler_config: dict | None = None,
+    micro_batch: int = 0,
+    progress=None,
+    image=None,
+) -> torch.Tensor:
+    """Final latents (P, C, F, H, W) of one sample per seed with any solver and no trajectory (NFT's
+    rollouts), noise drawn from the same per-sample streams as ``rollout_groups``."""
+    device = prompt_embeds.device
+    total = len(seeds)
+    noise, uncond = _group_inputs(latent_shape_one, seeds, noise_seeds, negative_embeds, device=device)
+    step = micro_batch if micro_batch > 0 else total
+    parts = []
+    for start in range(0, total, step):
+        sl = slice(start, min(start + step, total))
+        neg = None if uncond is None else uncond[sl]
+        img = None if image is None else image[sl]
+        if config.solver == "unipc":
+            parts.append(sample_unipc(denoiser, noise[sl], prompt_embeds[sl], neg, config=config,
+                                      scheduler_config=scheduler_config, image=img))
+        else:
+            gens = [stream(s, SDE_NOISE) for s in seeds[sl]]
+            parts.append(rollout(denoiser, noise[sl], prompt_embeds[sl], neg, config=config, generator=gens,
+                                 record=False, image=img)[0])
+        if progress is not None:
+            progress(sl.stop - sl.start)
+    return torch.cat(parts)

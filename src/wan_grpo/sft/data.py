@@ -6,6 +6,9 @@ import numpy as np
 
 from wan_grpo.errors import UserError
 from wan_grpo.seeding import sample_seed
+from wan_grpo.tasks.shapes.splits import load_split
+from wan_grpo.tasks.shapes.world import FRAMES, SIZE, parse, render
+from wan_grpo.video import read_mp4, video_caption_pairs
 
 
 def load_dataset(spec: str, captions: str | None, *, width: int, height: int, frame_num: int, seed: int,
@@ -14,7 +17,6 @@ def load_dataset(spec: str, captions: str | None, *, width: int, height: int, fr
     if spec == "shapes" or spec.startswith("shapes:"):
         return shapes_dataset(spec, width=width, height=height, frame_num=frame_num, seed=seed,
                               videos_per_prompt=videos_per_prompt)
-    from wan_grpo.video import read_mp4, video_caption_pairs
 
     prompts, videos = [], []
     for path, caption in video_caption_pairs(spec, captions):
@@ -35,8 +37,6 @@ def shapes_dataset(spec: str, *, width: int, height: int, frame_num: int, seed: 
                    videos_per_prompt: int) -> tuple[list[str], np.ndarray]:
     """The Shapes training prompts of level 1, 2 or both, each rendered ``videos_per_prompt`` times; with
     both levels, each level-1 prompt as many times more as level 2 has more prompts (balanced levels)."""
-    from wan_grpo.tasks.shapes.splits import load_split
-    from wan_grpo.tasks.shapes.world import FRAMES, SIZE, parse, render
 
     level = spec.partition(":")[2]
     if level not in ("", "1", "2"):

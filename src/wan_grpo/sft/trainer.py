@@ -37,6 +37,7 @@ from wan_grpo.grpo.policy import build_policy, expert_names, lora_targets, train
 from wan_grpo.grpo.preemption import Preempted, StopRequests
 from wan_grpo.grpo.update import clip_gradients, current_lrs, finish_step
 from wan_grpo.models.denoiser import MoEDenoiser
+from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import encode_videos
 from wan_grpo.runtime import encode_all, load_model, place, resolve_config
 from wan_grpo.seeding import TRAIN_NOISE, sample_seed, seed_everything, stream
@@ -109,7 +110,6 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     denoiser = MoEDenoiser(components, guidance_scale=1.0,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     if cfg.offload_model:
-        from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 
         denoiser.placement = ExpertPlacement((components.transformer, components.transformer_2), device=device,
                                              enabled=True)

@@ -26,8 +26,11 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
-from wan_grpo.specs import PRESETS, TASK_KEY
+from wan_grpo.sft.config import SFTConfig
+from wan_grpo.sft.trainer import run_sft
+from wan_grpo.specs import PRESETS, TASK_KEY, Expert
 from wan_grpo.tasks.shapes import BASE_DIR
+from wan_grpo.tasks.shapes.splits import load_split
 from wan_grpo.tasks.shapes.text import TEXT_DIM, pretrain_text_encoder, shapes_text_encoder, shapes_tokenizer
 from wan_grpo.tasks.shapes.world import BACKGROUND, FRAMES, all_scenes, render
 
@@ -126,7 +129,6 @@ def psnr(vae: AutoencoderKLWan, *, seed: int = SEED, videos: int = 32) -> float:
 
 def random_pipeline(vae: AutoencoderKLWan, *, seed: int = SEED, text_steps: int = 300) -> WanPipeline:
     """Random experts; the text encoder is taught the grammar on the training prompts first."""
-    from wan_grpo.tasks.shapes.splits import load_split
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 10)
@@ -184,8 +186,6 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(init, ignore_errors=True)
     save_pipeline(random_pipeline(vae), init)
 
-    from wan_grpo.sft.config import SFTConfig
-    from wan_grpo.sft.trainer import run_sft
 
     sft_dir = work / "sft"
     shutil.rmtree(sft_dir, ignore_errors=True)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     assembled = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(assembled, ignore_errors=True)
     shutil.copytree(init, assembled)
-    for sub in ("transformer", "transformer_2"):
+    for sub in (e.diffusers_dir for e in Expert):
         shutil.rmtree(assembled / sub)
         shutil.copytree(final / sub, assembled / sub)
     card = {"vae_psnr_db": round(vae_psnr, 2), "vae_steps": args.vae_steps, "sft_steps": args.sft_steps,

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-from wan_grpo.tasks.shapes.world import COLOURS, DIRECTIONS, RELATIONS, SHAPES
+from wan_grpo.tasks.shapes.world import COLOURS, DIRECTIONS, RELATIONS, SHAPES, parse
 
 TEXT_DIM = 32
 TEXT_LEN = 16  # tokens per prompt embedding (the longest prompt has 10); Wan's 512 would be mostly padding
@@ -47,7 +47,6 @@ def shapes_text_encoder(seed: int) -> UMT5EncoderModel:
 def scene_targets(prompt: str) -> list[int]:
     """Class indices of a prompt's attributes: colour and shape of each object (0 = no second object),
     direction and relation (0 = none)."""
-    from wan_grpo.tasks.shapes.world import parse
 
     scene = parse(prompt)
     colours, shapes = list(COLOURS), list(SHAPES)

@@ -1,0 +1,144 @@
+"""Shapes learning curves: held-out (or validation) accuracy against rollouts and CPU time, per setting.
+
+Each setting trains on one level's training prompts from the Shapes base model, once per seed,
+saving checkpoints at --evals evenly spaced rollouts; every checkpoint (and the base) is evaluated
+with ``wan-grpo eval`` (UniPC, fixed seeds, --num_samples videos per prompt) on --split. The table
+gives, per setting and checkpoint, the accuracy averaged over seeds (+- the standard error over seeds,
+or within the one seed's videos) and the mean of the paired per-video change from the base; a PNG
+plots accuracy against training minutes. Choose settings on --split val; report --split heldout.
+
+python benchmarks/shapes_learning.py --settings grpo,nft --seeds 0,1,2 --rollouts 60 --level 1 --split val
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import DOCS, parser, record
+
+from wan_grpo.grpo.metrics import read_metrics
+from wan_grpo.tasks.shapes import BASE_DIR
+
+COMMON = ["--batch_size", "8", "--num_generations", "8", "--tensorboard", "false", "--log_interval", "0"]
+SETTINGS = {
+    "grpo": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4"],
+    "grpo-window": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_window", "0:3"],
+    "grpo-dance": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_type", "dance",
+                   "--noise_level", "0.3"],
+    "grpo-cps": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_type", "cps"],
+    "grpo-lora": ["--algorithm", "grpo", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3"],
+    "nft": ["--algorithm", "nft", "--lora_rank", "0", "--learning_rate", "1e-4", "--timestep_fraction", "0.3",
+            "--train_batch_size", "32"],
+    "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
+                 "--timestep_fraction", "0.3", "--train_batch_size", "32"],
+}
+SMOKE = ["--task", "tiny", "--reward", "shapes", "--size", "64*64", "--frame_num", "9", "--sampling_steps", "4",
+         "--batch_size", "1", "--num_generations", "2", "--tensorboard", "false", "--log_interval", "0"]
+
+
+def wan_grpo(*args: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "wan_grpo", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"wan-grpo {' '.join(args[:1])} failed:\n{out.stderr[-3000:]}")
+
+
+def evaluate(model: list[str], prompts: str, out: Path, samples: int, lora: Path | None = None) -> list[float]:
+    """Per-video accuracy, in (prompt, seed) order."""
+    extra = ["--lora", str(lora)] if lora else []
+    wan_grpo("eval", *model, "--prompts", prompts, "--num_samples", str(samples), "--save_dir", str(out), *extra)
+    return [v["accuracy"] for v in json.loads((out / "eval.json").read_text())["videos"]]
+
+
+def stderr(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--settings", default="grpo,nft", help=f"comma list of {', '.join(SETTINGS)}")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--rollouts", type=int, default=60)
+    p.add_argument("--evals", type=int, default=3, help="checkpoints evaluated per run, evenly spaced")
+    p.add_argument("--level", type=int, default=1, choices=(1, 2))
+    p.add_argument("--split", default="val", choices=("val", "heldout"))
+    p.add_argument("--num_samples", type=int, default=8)
+    p.add_argument("--ckpt_dir", default=str(BASE_DIR))
+    p.add_argument("--work", default="runs/shapes-learning")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="shapes-learning-")) if args.smoke else Path(args.work)
+    if args.smoke:
+        args.settings, args.seeds, args.rollouts, args.evals, args.num_samples = "grpo,nft", "0", 2, 1, 1
+        model, common = ["--task", "tiny", "--reward", "shapes", "--size", "64*64", "--frame_num", "9",
+                         "--sampling_steps", "4"], SMOKE
+    else:
+        model, common = ["--ckpt_dir", args.ckpt_dir], ["--ckpt_dir", args.ckpt_dir, *COMMON]
+    prompts = f"shapes:{args.level}:{args.split}"
+    train_prompts = f"shapes:{args.level}:train"
+    every = max(1, args.rollouts // args.evals)
+    base = evaluate(model, prompts, work / "base", args.num_samples)
+    results = {}  # setting -> rollouts -> [(seed, accuracies, minutes)]
+    for name in args.settings.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run = work / f"{name}-seed{seed}"
+            wan_grpo("train", *common, *SETTINGS[name], "--prompts", train_prompts, "--seed", str(seed),
+                     "--max_steps", str(args.rollouts), "--num_epochs", "1000", "--save_interval", str(every),
+                     "--save_dir", str(run))
+            rows = read_metrics(run)
+            for ckpt in sorted(run.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
+                step = int(ckpt.name.split("-")[1])
+                minutes = sum(r["rollout_seconds"] + r["reward_seconds"] + r["train_seconds"]
+                              for r in rows if r["step"] <= step) / 60
+                acc = evaluate(model, prompts, run / f"eval-{step}", args.num_samples, ckpt)
+                results.setdefault(name, {}).setdefault(step, []).append((seed, acc, minutes))
+    base_mean = statistics.mean(base)
+    lines = [f"Level {args.level}, {args.split} prompts, {args.num_samples} videos per prompt; base accuracy "
+             f"{base_mean:.3f} +- {stderr(base):.3f}", "",
+             "| setting | rollouts | train minutes | accuracy | paired change from base | seeds |",
+             "|---|---|---|---|---|---|"]
+    for name, by_step in results.items():
+        for step, runs in sorted(by_step.items()):
+            means = [statistics.mean(acc) for _, acc, _ in runs]
+            changes = [statistics.mean(a - b for a, b in zip(acc, base)) for _, acc, _ in runs]
+            spread = stderr(means) if len(runs) > 1 else stderr(runs[0][1])
+            change_se = stderr(changes) if len(runs) > 1 else stderr([a - b for a, b in zip(runs[0][1], base)])
+            lines.append(f"| {name} | {step} | {statistics.mean(m for *_, m in runs):.1f} | "
+                         f"{statistics.mean(means):.3f} +- {spread:.3f} | {statistics.mean(changes):+.3f} +- "
+                         f"{change_se:.3f} | {len(runs)} |")
+    if not args.smoke:
+        _plot(results, base_mean, DOCS.parent / f"shapes-learning-l{args.level}-{args.split}.png")
+    record(f"Shapes learning, level {args.level} ({args.split})", _cpu(), lines, args.smoke)
+
+
+def _cpu():
+    import torch
+
+    return torch.device("cpu")
+
+
+def _plot(results: dict, base: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, by_step in results.items():
+        points = sorted((statistics.mean(m for *_, m in runs), statistics.mean(statistics.mean(a) for _, a, _ in runs))
+                        for runs in by_step.values())
+        ax.plot([0] + [x for x, _ in points], [base] + [y for _, y in points], marker="o", label=name)
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
