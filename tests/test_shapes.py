@@ -132,3 +132,41 @@ def test_reward_components_and_coefficients():
     assert reward([blank], prompts[:1], fps=8)["accuracy"].item() == 0
     with pytest.raises(UserError):
         reward(videos[:1], ["a cat walking in snow"], fps=8)
+
+
+@pytest.mark.slow
+def test_a_short_build_is_deterministic_and_loads(tmp_path):
+    """``make shapes-base`` in miniature (3 VAE steps, 4 SFT steps of both experts, 2 of the high-noise
+    expert, level-1 data): two builds write the same weights, the first losses are the recorded ones, and
+    the result loads as a --task shapes model."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from wan_grpo.config import SampleConfig
+    from wan_grpo.grpo.metrics import read_metrics
+    from wan_grpo.runtime import load_model
+    from wan_grpo.tasks.shapes.build import main as build
+
+    args = ["--vae_steps", "3", "--sft_steps", "4", "--high_steps", "2", "--dataset", "shapes:1"]
+    for name in ("a", "b"):
+        assert build(["--out", str(tmp_path / name / "model"), "--work", str(tmp_path / name / "work"), *args]) == 0
+    for sub in ("transformer", "transformer_2", "vae"):
+        a, b = (load_file(tmp_path / n / "model" / sub / "diffusion_pytorch_model.safetensors") for n in "ab")
+        assert all(torch.equal(a[k], b[k]) for k in a), sub
+    card = json.loads((tmp_path / "a" / "model" / "build.json").read_text())
+    assert card["sft_steps"] == 4 and card["high_steps"] == 2
+    vae_losses = json.loads((tmp_path / "a" / "work" / "vae_losses.json").read_text())
+    sft = [r["loss"] for r in read_metrics(tmp_path / "a" / "work" / "sft")]
+    high = [r["loss"] for r in read_metrics(tmp_path / "a" / "work" / "sft-high")]
+    assert vae_losses == pytest.approx(RECORDED_VAE, rel=1e-3)
+    assert sft == pytest.approx(RECORDED_SFT, rel=1e-3)
+    assert high == pytest.approx(RECORDED_HIGH, rel=1e-3)
+    components, cfg, _, _ = load_model(SampleConfig(ckpt_dir=str(tmp_path / "a" / "model")), load_text_encoder=False)
+    assert cfg.task == "shapes" and components.transformer_2 is not None
+
+
+# recorded on the CI machine's CPU (x86-64, torch 2.13.0 CPU wheel); other CPUs may round differently
+RECORDED_VAE = [0.9357251524925232, 0.9621672034263611, 0.7261020541191101]
+RECORDED_SFT = [4.720043897628784, 4.6921069622039795, 4.700068235397339, 4.674018383026123]
+RECORDED_HIGH = [2.3056063652038574, 2.28029727935791]

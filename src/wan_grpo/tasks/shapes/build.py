@@ -149,6 +149,15 @@ def save_pipeline(pipe: WanPipeline, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def _assemble(init: Path, experts: dict, folder: Path) -> None:
+    """``init`` (VAE, text encoder, scheduler) with each expert taken from its SFT checkpoint."""
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(init, folder)
+    for expert, ckpt in experts.items():
+        shutil.rmtree(folder / expert.diffusers_dir)
+        shutil.copytree(ckpt / expert.diffusers_dir, folder / expert.diffusers_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(BASE_DIR), help="Where the finished model goes (default: the package's).")
@@ -159,8 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--high_noise_share", type=float, default=None,
                         help="sft --high_noise_share (default: the shifted density's own share).")
     parser.add_argument("--videos_per_prompt", type=int, default=1)
+    parser.add_argument("--dataset", default="shapes", help="sft --dataset (shapes:1 for a quick test build).")
     parser.add_argument("--vae_from", help="Reuse the trained VAE of an earlier build (its work/init folder).")
     parser.add_argument("--save_interval", type=int, default=0, help="Also keep SFT checkpoints every N steps.")
+    parser.add_argument("--high_steps", type=int, default=0,
+                        help="Then train the high-noise expert alone this many steps (it lays out the scene: the "
+                             "motion and the shapes; measured on base4 + 1500: level-1 val accuracy 0.16 -> 0.20, "
+                             "level 2 0.04 -> 0.10).")
+    parser.add_argument("--high_lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -189,21 +204,28 @@ def main(argv: list[str] | None = None) -> int:
 
     sft_dir = work / "sft"
     shutil.rmtree(sft_dir, ignore_errors=True)
-    run_sft(SFTConfig(ckpt_dir=str(init), task="shapes", dataset="shapes", lora_rank=0, learning_rate=args.sft_lr,
+    run_sft(SFTConfig(ckpt_dir=str(init), task="shapes", dataset=args.dataset, lora_rank=0, learning_rate=args.sft_lr,
                       weight_decay=0.0, warmup_steps=100, lr_schedule="cosine", max_steps=args.sft_steps, batch_size=32,
                       train_batch_size=32, videos_per_prompt=args.videos_per_prompt, caption_dropout=0.1,
                       high_noise_share=args.high_noise_share, save_dir=str(sft_dir),
                       save_interval=args.save_interval,
                       tensorboard=False, log_interval=100, seed=SEED))
-    final = sft_dir / f"checkpoint-{args.sft_steps}"
+    final = {e: sft_dir / f"checkpoint-{args.sft_steps}" for e in Expert}
+    if args.high_steps:
+        stage = work / "stage1"
+        _assemble(init, final, stage)
+        high_dir = work / "sft-high"
+        shutil.rmtree(high_dir, ignore_errors=True)
+        run_sft(SFTConfig(ckpt_dir=str(stage), task="shapes", dataset=args.dataset, lora_rank=0, train_experts="high",
+                          learning_rate=args.high_lr, weight_decay=0.0, warmup_steps=50, lr_schedule="cosine",
+                          max_steps=args.high_steps, batch_size=32, train_batch_size=32, videos_per_prompt=2,
+                          caption_dropout=0.1, save_dir=str(high_dir), tensorboard=False, log_interval=100,
+                          seed=SEED + 1))
+        final[Expert.HIGH] = high_dir / f"checkpoint-{args.high_steps}"
     assembled = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(assembled, ignore_errors=True)
-    shutil.copytree(init, assembled)
-    for sub in (e.diffusers_dir for e in Expert):
-        shutil.rmtree(assembled / sub)
-        shutil.copytree(final / sub, assembled / sub)
+    _assemble(init, final, assembled)
     card = {"vae_psnr_db": round(vae_psnr, 2), "vae_steps": args.vae_steps, "sft_steps": args.sft_steps,
-            "build_seconds": round(time.perf_counter() - t0)}
+            "high_steps": args.high_steps, "build_seconds": round(time.perf_counter() - t0)}
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
