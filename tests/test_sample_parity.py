@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanPipeline
 from safetensors.torch import load_file
 
 from wan_grpo.cli import main
@@ -44,15 +44,20 @@ def test_schedule_crosses_expert_boundary():
     assert experts == {0, 1}, "the parity tests must exercise both experts"
 
 
-@pytest.mark.parametrize("solver", ["euler", "unipc"])
-def test_matches_diffusers_wan_pipeline(tmp_path, tiny_ckpt, solver):
+def scheduler_for(solver):
+    """The Wan pipeline's scheduler for each solver, configured as diffusers does for Wan."""
     if solver == "euler":
-        scheduler = FlowMatchEulerDiscreteScheduler(shift=SHIFT)
-    else:
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                            flow_shift=SHIFT)
+        return FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    if solver == "dpm++":
+        return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT,
+                                           algorithm_type="dpmsolver++", solver_order=2)
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT)
+
+
+@pytest.mark.parametrize("solver", ["euler", "unipc", "dpm++"])
+def test_matches_diffusers_wan_pipeline(tmp_path, tiny_ckpt, solver):
     ours = run_ours(tmp_path, tiny_ckpt, solver)
-    theirs = run_diffusers(tiny_ckpt, scheduler)
+    theirs = run_diffusers(tiny_ckpt, scheduler_for(solver))
     assert ours.shape == theirs.shape == (1, 16, 2, 6, 8)
     assert rel_err(ours, theirs) <= 1e-4
     # A wrong guidance scale or a swapped expert is far outside that tolerance.
@@ -60,10 +65,9 @@ def test_matches_diffusers_wan_pipeline(tmp_path, tiny_ckpt, solver):
     assert rel_err(pipe_other, theirs) > 1e-3
 
 
-def scheduler_for(solver):
-    if solver == "euler":
-        return FlowMatchEulerDiscreteScheduler(shift=SHIFT)
-    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=SHIFT)
+def test_dpm_differs_from_unipc(tmp_path, tiny_ckpt):
+    """Different solvers, same model: the dpm++ parity above is not UniPC passing for it."""
+    assert rel_err(run_ours(tmp_path, tiny_ckpt, "dpm++"), run_ours(tmp_path, tiny_ckpt, "unipc")) > 1e-3
 
 
 @pytest.mark.parametrize("solver", ["euler", "unipc"])

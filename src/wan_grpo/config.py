@@ -118,8 +118,9 @@ LORA_HELP = ("A train or sft checkpoint folder (checkpoint-<step>) whose LoRA or
 class SampleConfig(ModelConfig):
     prompt: str = opt("A cat walking in snow", "Text prompt.")
     lora: str | None = opt(None, LORA_HELP)
-    sample_solver: str = opt("unipc", "unipc (as WanPipeline), euler (ODE) or sde (stochastic).",
-                             choices=("unipc", "euler", "sde"))
+    sample_solver: str = opt("unipc", "unipc (as WanPipeline), dpm++ (DPM-Solver++ 2M, as the official "
+                                      "--sample_solver dpm++), euler (ODE) or sde (stochastic).",
+                             choices=("unipc", "dpm++", "euler", "sde"))
     image: str | None = opt(None, "Conditioning image (first frame): required by I2V-A14B, optional for TI2V-5B "
                                   "(image mode); resized to --size as diffusers' WanImageToVideoPipeline does.")
     output: str = opt("sample.mp4", "Output mp4 path.")

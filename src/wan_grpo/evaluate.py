@@ -27,7 +27,8 @@ from wan_grpo.rewards import build_rewards
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import encode_all, load_model, place, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
-from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
+from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_multistep
+from wan_grpo.sampling.schedule import MULTISTEP
 from wan_grpo.seeding import seed_everything
 from wan_grpo.specs import default_reward
 from wan_grpo.video import read_mp4, write_mp4
@@ -41,7 +42,7 @@ class EvalConfig(RewardConfig, ModelConfig):
     lora: str | None = opt(None, LORA_HELP)
     save_dir: str = opt("./eval", "Output folder: eval.json, eval.csv, videos/, and compare files.")
     num_samples: int = opt(1, "Videos per prompt (seeds seed + 1000 * prompt_index + k).", ge=1)
-    eval_solver: str = opt("unipc", "Deterministic solver: unipc or euler.", choices=("unipc", "euler"))
+    eval_solver: str = opt("unipc", "Deterministic solver: unipc, dpm++ or euler.", choices=("unipc", "dpm++", "euler"))
     compare_to: str | None = opt(None, "An earlier eval folder (e.g. of the base model) to compare against.")
 
 
@@ -77,8 +78,8 @@ def generate_and_score(components, denoiser, cache, rewards, prompts: list[str],
             seed = cfg.seed + 1000 * i + k
             noise = initial_noise(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device)
             cond = cache.get([prompt])
-            if sampler.solver == "unipc":
-                latents = sample_unipc(denoiser, noise, cond, uncond, config=sampler,
+            if sampler.solver in MULTISTEP:
+                latents = sample_multistep(denoiser, noise, cond, uncond, config=sampler,
                                        scheduler_config=components.scheduler_config, image=image)
             else:
                 latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, record=False, image=image)

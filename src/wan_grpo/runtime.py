@@ -15,7 +15,7 @@ from wan_grpo.models.files import cast_keeping_fp32
 from wan_grpo.models.loading import checkpoint_info, load_components, load_tokenizer_and_encoder, text_encoder_paths
 from wan_grpo.models.text import EmbeddingDiskCache, PromptEmbeddingCache, files_identity, module_identity
 from wan_grpo.models.tiny import build_tiny_components, tiny_info
-from wan_grpo.sampling.schedule import flow_match_schedule, unipc_scheduler
+from wan_grpo.sampling.schedule import MULTISTEP, flow_match_schedule, multistep_scheduler
 from wan_grpo.specs import PRESETS
 from wan_grpo.tasks.shapes import BASE_DIR
 
@@ -208,8 +208,8 @@ def describe_split(components, *, steps: int, shift: float, solver: str = "sde")
 
     if components.boundary_ratio is None:
         return f"shift {shift:g}: {steps} steps on the single expert"
-    if solver == "unipc":
-        scheduler = unipc_scheduler(shift=shift, base_config=components.scheduler_config)
+    if solver in MULTISTEP:
+        scheduler = multistep_scheduler(solver, shift=shift, base_config=components.scheduler_config)
         scheduler.set_timesteps(steps)
         timesteps = scheduler.timesteps
     else:

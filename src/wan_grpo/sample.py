@@ -14,7 +14,8 @@ from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_device
 from wan_grpo.sampling.conditioning import check_image, encode_images
-from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_unipc
+from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_multistep
+from wan_grpo.sampling.schedule import MULTISTEP
 from wan_grpo.seeding import seed_everything
 from wan_grpo.video import check_image_file, check_output_file, write_mp4
 
@@ -38,8 +39,8 @@ def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     noise = initial_noise(shape, generator=generator, device=device)
     cond, uncond = cache.get([cfg.prompt]), cache.get([cfg.negative_prompt])
-    if sampler.solver == "unipc":
-        return sample_unipc(denoiser, noise, cond, uncond, config=sampler,
+    if sampler.solver in MULTISTEP:
+        return sample_multistep(denoiser, noise, cond, uncond, config=sampler,
                             scheduler_config=components.scheduler_config, image=image)
     latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, generator=generator, record=False,
                          image=image)

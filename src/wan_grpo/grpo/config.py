@@ -64,8 +64,8 @@ class TrainConfig(RewardConfig, PolicyConfig):
                                        "Euler elsewhere (Flow-GRPO-Fast, MixGRPO). Default: all steps.")
     share_noise: bool = opt(False, "Same initial noise for every sample of a group (DanceGRPO).")
     sample_solver: str | None = opt(None, "Rollout solver: sde (GRPO's, the only one it takes); nft takes unipc, "
-                                          "euler or sde. Default: sde for grpo, unipc for nft.",
-                                    choices=("sde", "unipc", "euler"))
+                                          "dpm++, euler or sde. Default: sde for grpo, unipc for nft.",
+                                    choices=("sde", "unipc", "dpm++", "euler"))
     rollout_batch_size: int = opt(0, "Samples per model call in rollouts (0: all at once).", ge=0)
     decode_batch_size: int | None = opt(None, "Videos per VAE decode call after a rollout. Default: the preset's "
                                               "(1; 16 for shapes). A short last batch is padded, so a video's "

@@ -1,4 +1,4 @@
-"""Denoising loops: plain sampling (unipc / euler / sde) and recorded group rollouts for GRPO.
+"""Denoising loops: plain sampling (unipc / dpm++ / euler / sde) and recorded group rollouts for GRPO.
 
 A rollout records, per sample, the T+1 latents once (in a chosen dtype and device) and the
 log-prob of every transition; model predictions are never stored, training recomputes them.
@@ -13,14 +13,14 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from wan_grpo.errors import UserError
-from wan_grpo.sampling.schedule import SOLVERS, flow_match_schedule, sde_window_mask, unipc_scheduler
+from wan_grpo.sampling.schedule import MULTISTEP, SOLVERS, flow_match_schedule, multistep_scheduler, sde_window_mask
 from wan_grpo.sampling.sde import SDE_KINDS, gaussian_log_prob, sde_mean_std, sde_step
 from wan_grpo.seeding import INITIAL_NOISE, SDE_NOISE, stream
 
 
 @dataclass
 class SamplerConfig:
-    solver: str = "sde"  # unipc | euler | sde
+    solver: str = "sde"  # unipc | dpm++ | euler | sde
     steps: int = 20
     shift: float = 5.0
     sde_type: str = "flow"  # flow | dance | cps
@@ -131,10 +131,11 @@ def initial_noise(shape: tuple[int, ...], *, generator: torch.Generator | None, 
 
 
 @torch.no_grad()
-def sample_unipc(denoiser, noise, prompt_embeds, negative_embeds, *, config: SamplerConfig, scheduler_config=None,
-                 image=None):
-    """Deterministic UniPC sampling (flow prediction), for evaluation and plain sampling only."""
-    scheduler = unipc_scheduler(shift=config.shift, base_config=scheduler_config)
+def sample_multistep(denoiser, noise, prompt_embeds, negative_embeds, *, config: SamplerConfig, scheduler_config=None,
+                     image=None):
+    """Deterministic UniPC or DPM++ sampling (flow prediction, diffusers' schedulers), for evaluation,
+    plain sampling and NFT rollouts: no transition densities."""
+    scheduler = multistep_scheduler(config.solver, shift=config.shift, base_config=scheduler_config)
     scheduler.set_timesteps(config.steps, device=noise.device)
     scheduler.set_begin_index(0)
     latents = noise
@@ -166,8 +167,8 @@ def rollout(
     ``image`` (an ImageCondition with B rows) conditions every call; for TI2V's kept first frame
     the conditioned positions hold the image latent throughout and are left out of the log-probs.
     """
-    if config.solver == "unipc":
-        raise ValueError("UniPC has no transition density; use sample_unipc for plain sampling")
+    if config.solver in MULTISTEP:
+        raise ValueError(f"{config.solver} has no transition density; use sample_multistep for plain sampling")
     plan = plan_steps(config, denoiser.expert_index)
     sigmas, timesteps, experts, stochastic = plan.sigmas, plan.timesteps, plan.experts, plan.stochastic
     storage_device = torch.device(storage_device) if storage_device is not None else noise.device
@@ -284,8 +285,8 @@ def sample_groups(
         sl = slice(start, min(start + step, total))
         neg = None if uncond is None else uncond[sl]
         img = None if image is None else image[sl]
-        if config.solver == "unipc":
-            parts.append(sample_unipc(denoiser, noise[sl], prompt_embeds[sl], neg, config=config,
+        if config.solver in MULTISTEP:
+            parts.append(sample_multistep(denoiser, noise[sl], prompt_embeds[sl], neg, config=config,
                                       scheduler_config=scheduler_config, image=img))
         else:
             gens = [stream(s, SDE_NOISE) for s in seeds[sl]]

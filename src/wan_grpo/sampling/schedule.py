@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-SOLVERS = ("unipc", "euler", "sde")
+SOLVERS = ("unipc", "dpm++", "euler", "sde")
+MULTISTEP = ("unipc", "dpm++")  # deterministic multistep solvers, from diffusers
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,22 @@ def unipc_scheduler(*, shift: float, base_config: dict | None = None) -> UniPCMu
     config.update(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift)
     config.setdefault("num_train_timesteps", 1000)
     return UniPCMultistepScheduler.from_config(config)
+
+
+def dpm_scheduler(*, shift: float) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2nd order, multistep) in flow-prediction mode, as diffusers configures it for Wan
+    (the official code's ``--sample_solver dpm++``)."""
+    return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                                       num_train_timesteps=1000, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def multistep_scheduler(solver: str, *, shift: float, base_config: dict | None = None):
+    """The diffusers scheduler of a deterministic multistep solver (``MULTISTEP``)."""
+    if solver == "unipc":
+        return unipc_scheduler(shift=shift, base_config=base_config)
+    if solver == "dpm++":
+        return dpm_scheduler(shift=shift)
+    raise ValueError(f"{solver!r} is not a multistep solver; use one of {', '.join(MULTISTEP)}")
 
 
 def sde_window_mask(num_steps: int, window: tuple[int, int] | None) -> torch.Tensor:
