@@ -1,4 +1,5 @@
-"""Command line: ``wan-grpo sample | train | sft | eval | plan | score | reward-server | convert | report``."""
+"""Command line: ``wan-grpo sample | train | sft | eval | plan | score | reward-server | convert | export |
+report``."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class OneLineParser(argparse.ArgumentParser):
 # name -> (config class, runner, help); "module:attr" strings so a command imports only what it runs.
 COMMANDS = {
     "sample": ("wan_grpo.config:SampleConfig", "wan_grpo.sample:run_sample",
-               "Generate one video (unipc, euler or sde solver)."),
+               "Generate one video (unipc, dpm++, euler or sde solver)."),
     "train": ("wan_grpo.grpo.config:TrainConfig", "wan_grpo.grpo.trainer:train",
               "GRPO training of one or both Wan2.2 experts (the main job)."),
     "sft": ("wan_grpo.sft.config:SFTConfig", "wan_grpo.sft.trainer:run_sft",
@@ -38,6 +39,8 @@ COMMANDS = {
                       "Serve a reward over HTTP for train --reward_url."),
     "convert": ("wan_grpo.convert:ConvertConfig", "wan_grpo.convert:run_convert",
                 "Write an original-layout Wan2.2 checkpoint in the diffusers layout."),
+    "export": ("wan_grpo.export:ExportConfig", "wan_grpo.export:run_export",
+               "Write a train or sft checkpoint's LoRA for ComfyUI (original Wan keys) or as diffusers files."),
 }
 
 

@@ -24,6 +24,7 @@ def flag_tables() -> str:
     from wan_grpo.config import ModelConfig, SampleConfig
     from wan_grpo.convert import ConvertConfig
     from wan_grpo.evaluate import EvalConfig
+    from wan_grpo.export import ExportConfig
     from wan_grpo.grpo.config import PolicyConfig, TrainConfig
     from wan_grpo.plan import PlanConfig
     from wan_grpo.rewards.config import RewardConfig
@@ -45,7 +46,8 @@ def flag_tables() -> str:
            *_table(PlanConfig, skip=shared), "",
            "### `score` only", "", *_table(ScoreConfig, skip=rewards), "",
            "### `reward-server` only", "", *_table(ServerConfig, skip=rewards), "",
-           "### `convert`", "", *_table(ConvertConfig)]
+           "### `convert`", "", *_table(ConvertConfig), "",
+           "### `export`", "", *_table(ExportConfig)]
     return "\n".join(out) + "\n"
 
 

@@ -1,0 +1,122 @@
+"""``wan-grpo export``: a train or sft checkpoint's LoRA in the format Wan users load.
+
+``--format comfyui`` writes one safetensors file per trained expert in the original Wan key names
+(``diffusion_model.blocks.N.self_attn.q.lora_A.weight``, ``...lora_B.weight`` and a ``...alpha``
+scalar per layer, LoRA scale = alpha / rank), the format ComfyUI reads and diffusers'
+``WanPipeline.load_lora_weights`` converts: ``high_noise_model_lora.safetensors`` for the
+high-noise expert (``transformer``) and ``low_noise_model_lora.safetensors`` for the low-noise one
+(``transformer_2``), named as the original checkpoint's expert folders. ``--format diffusers``
+copies the checkpoint's diffusers-format expert folders.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from wan_grpo.config import opt
+from wan_grpo.errors import UserError
+from wan_grpo.grpo.checkpoint import LORA_FILE, check_trained_checkpoint
+from wan_grpo.specs import Expert
+
+# diffusers module name inside a block -> the original WanModel's
+_BLOCK_MODULES = {
+    **{f"attn1.{d}": f"self_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo")},
+    **{f"attn2.{d}": f"cross_attn.{o}" for d, o in zip(("to_q", "to_k", "to_v", "to_out.0"), "qkvo")},
+    "attn2.add_k_proj": "cross_attn.k_img", "attn2.add_v_proj": "cross_attn.v_img",
+    "ffn.net.0.proj": "ffn.0", "ffn.net.2": "ffn.2",
+}
+_KEY = re.compile(r"(?:transformer\.)?blocks\.(\d+)\.(.+)\.(lora_A|lora_B)\.weight")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str | None = opt(None, "A train or sft checkpoint folder (checkpoint-<step>).")
+    format: str = opt("comfyui", "comfyui (original Wan key names, one file per expert, as ComfyUI and diffusers' "
+                                 "load_lora_weights read them) or diffusers (the expert folders as saved).",
+                      choices=("comfyui", "diffusers"))
+    output: str | None = opt(None, "New folder for the exported files.")
+
+
+def lora_alpha(path: Path) -> float:
+    """The LoRA alpha a diffusers-format LoRA file was trained with (its adapter metadata)."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    raw = metadata.get("lora_adapter_metadata")
+    if raw is None:
+        raise UserError(f"{path} carries no LoRA metadata (lora_alpha); export a checkpoint written by wan-grpo")
+    config = {k.split(".", 1)[-1]: v for k, v in json.loads(raw).items()}
+    if config.get("use_rslora") or config.get("alpha_pattern") or config.get("rank_pattern"):
+        raise UserError(f"{path}: rsLoRA or per-layer ranks/alphas have no ComfyUI form; export --format diffusers")
+    return float(config["lora_alpha"])
+
+
+def to_original_keys(state: dict[str, torch.Tensor], alpha: float, *, source: Path) -> dict[str, torch.Tensor]:
+    """diffusers LoRA tensors of one expert -> the original Wan names with an alpha per layer."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        match = _KEY.fullmatch(key)
+        module = None if match is None else _BLOCK_MODULES.get(match[2])
+        if module is None:
+            raise UserError(f"{source}: the LoRA layer {key} has no ComfyUI name (only the blocks' attention and "
+                            "feed-forward layers do); export --format diffusers, or train with the default "
+                            "--lora_target_modules")
+        prefix = f"diffusion_model.blocks.{match[1]}.{module}"
+        out[f"{prefix}.{match[3]}.weight"] = tensor.contiguous()
+        out[f"{prefix}.alpha"] = torch.tensor(alpha, dtype=tensor.dtype)
+    return out
+
+
+def export_comfyui(checkpoint: Path, output: Path) -> list[Path]:
+    written = []
+    for expert in Expert:
+        lora = checkpoint / expert.diffusers_dir / LORA_FILE
+        if not lora.is_file():
+            if (checkpoint / expert.diffusers_dir).is_dir():
+                raise UserError(f"{checkpoint / expert.diffusers_dir} holds full weights, not a LoRA; export "
+                                "--format diffusers")
+            continue
+        with safe_open(str(lora), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        path = output / f"{expert.original_dir}_lora.safetensors"
+        save_file(to_original_keys(state, lora_alpha(lora), source=lora), str(path),
+                  metadata={"format": "pt", "wan_grpo_expert": expert.label})
+        written.append(path)
+    return written
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    if not cfg.checkpoint or not cfg.output:
+        raise UserError("export needs --checkpoint CHECKPOINT_DIR and --output NEW_DIR")
+    checkpoint = check_trained_checkpoint(cfg.checkpoint)
+    output = Path(cfg.output)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"--output {output} already exists and is not an empty folder; pass a new folder")
+    if not any((checkpoint / e.diffusers_dir).is_dir() for e in Expert):
+        raise UserError(f"{checkpoint} has no transformer/ or transformer_2/ folder; pass checkpoint-<step>")
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if cfg.format == "comfyui":
+            names = [p.name for p in export_comfyui(checkpoint, tmp)]
+        else:
+            names = []
+            for expert in Expert:
+                if (checkpoint / expert.diffusers_dir).is_dir():
+                    shutil.copytree(checkpoint / expert.diffusers_dir, tmp / expert.diffusers_dir)
+                    names.append(expert.diffusers_dir)
+        if output.exists():
+            output.rmdir()
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"exported {', '.join(names)} to {output}")
+    return output

@@ -1,0 +1,68 @@
+"""wan-grpo export: a trained LoRA in ComfyUI's format (original Wan keys, alpha per layer) loads in
+diffusers' WanPipeline and gives the same latents as the diffusers-format LoRA, for both experts."""
+
+import pytest
+import torch
+from pipelines import pipeline_latents, tiny_pipeline
+from safetensors.torch import load_file
+
+from wan_grpo.cli import main
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory, tiny_ckpt):
+    save_dir = tmp_path_factory.mktemp("export") / "run"
+    # alpha 8 != rank 4: a dropped or misread alpha changes the LoRA's scale
+    assert main(["train", "--ckpt_dir", str(tiny_ckpt), "--reward", "brightness", "--size", "64*48",
+                 "--frame_num", "5", "--sampling_steps", "8", "--sample_shift", "5", "--num_generations", "4",
+                 "--max_steps", "2", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "5e-2",
+                 "--tensorboard", "false", "--save_dir", str(save_dir)]) == 0
+    return save_dir / "checkpoint-2"
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_comfyui_lora_gives_the_diffusers_loras_latents(tmp_path, tiny_ckpt, lora_checkpoint):
+    out = tmp_path / "comfy"
+    assert main(["export", "--checkpoint", str(lora_checkpoint), "--format", "comfyui", "--output", str(out)]) == 0
+    high, low = out / "high_noise_model_lora.safetensors", out / "low_noise_model_lora.safetensors"
+    state = load_file(high)
+    assert all(k.startswith("diffusion_model.blocks.") for k in state)
+    assert state["diffusion_model.blocks.0.self_attn.q.alpha"].item() == 8.0
+    assert "diffusion_model.blocks.0.cross_attn.o.lora_B.weight" in state
+    assert "diffusion_model.blocks.0.ffn.2.alpha" in state
+
+    pipe = tiny_pipeline(tiny_ckpt)
+    base = pipeline_latents(pipe, "A cat walking in snow")
+    pipe.load_lora_weights(lora_checkpoint / "transformer", adapter_name="high")
+    pipe.load_lora_weights(lora_checkpoint / "transformer_2", adapter_name="low", load_into_transformer_2=True)
+    ours = pipeline_latents(pipe, "A cat walking in snow")
+
+    comfy = tiny_pipeline(tiny_ckpt)
+    comfy.load_lora_weights(str(high), adapter_name="high")
+    comfy.load_lora_weights(str(low), adapter_name="low", load_into_transformer_2=True)
+    theirs = pipeline_latents(comfy, "A cat walking in snow")
+    assert rel(ours, base) > 1e-2  # the LoRAs matter
+    assert rel(theirs, ours) <= 1e-4
+
+
+def test_diffusers_export_copies_the_expert_folders(tmp_path, lora_checkpoint):
+    out = tmp_path / "diffusers"
+    assert main(["export", "--checkpoint", str(lora_checkpoint), "--format", "diffusers", "--output", str(out)]) == 0
+    for sub in ("transformer", "transformer_2"):
+        a = load_file(out / sub / "pytorch_lora_weights.safetensors")
+        b = load_file(lora_checkpoint / sub / "pytorch_lora_weights.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_errors_are_one_line(tmp_path, capsys, lora_checkpoint):
+    (tmp_path / "full").mkdir()
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o1")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("keep me")
+    assert main(["export", "--checkpoint", str(lora_checkpoint), "--output", str(tmp_path / "taken")]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "taken" / "x").read_text() == "keep me"
