@@ -48,6 +48,26 @@ def test_comfyui_lora_gives_the_diffusers_loras_latents(tmp_path, tiny_ckpt, lor
     assert rel(theirs, ours) <= 1e-4
 
 
+def test_merged_export_is_base_plus_lora(tmp_path, tiny_ckpt, lora_checkpoint):
+    """The whole pipeline with both LoRAs fused in: loaded by WanPipeline.from_pretrained, the same latents
+    as the base with the LoRAs loaded (the run's --ckpt_dir is found in the checkpoint), and a model card."""
+    from diffusers import WanPipeline
+
+    out = tmp_path / "merged"
+    assert main(["export", "--checkpoint", str(lora_checkpoint), "--format", "merged", "--output", str(out)]) == 0
+    pipe = tiny_pipeline(tiny_ckpt)
+    pipe.load_lora_weights(lora_checkpoint / "transformer", adapter_name="high")
+    pipe.load_lora_weights(lora_checkpoint / "transformer_2", adapter_name="low", load_into_transformer_2=True)
+    with_lora = pipeline_latents(pipe, "A cat walking in snow")
+    merged = WanPipeline.from_pretrained(out)
+    assert not merged.transformer.peft_config if hasattr(merged.transformer, "peft_config") else True
+    merged.scheduler = pipe.scheduler
+    merged.set_progress_bar_config(disable=True)
+    assert rel(pipeline_latents(merged, "A cat walking in snow"), with_lora) <= 1e-4
+    card = (out / "README.md").read_text()
+    assert "step 2" in card and str(tiny_ckpt) in card and "from_pretrained" in card
+
+
 def test_diffusers_export_copies_the_expert_folders(tmp_path, lora_checkpoint):
     out = tmp_path / "diffusers"
     assert main(["export", "--checkpoint", str(lora_checkpoint), "--format", "diffusers", "--output", str(out)]) == 0

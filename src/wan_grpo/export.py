@@ -6,7 +6,9 @@ scalar per layer, LoRA scale = alpha / rank), the format ComfyUI reads and diffu
 ``WanPipeline.load_lora_weights`` converts: ``high_noise_model_lora.safetensors`` for the
 high-noise expert (``transformer``) and ``low_noise_model_lora.safetensors`` for the low-noise one
 (``transformer_2``), named as the original checkpoint's expert folders. ``--format diffusers``
-copies the checkpoint's diffusers-format expert folders.
+copies the checkpoint's diffusers-format expert folders. ``--format merged`` writes the whole
+pipeline (diffusers layout, loadable by ``DiffusionPipeline.from_pretrained``) with the LoRA fused
+into (or the full weights put in) each trained expert. Every export gets a model card (README.md).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from safetensors.torch import save_file
 
 from wan_grpo.config import opt
 from wan_grpo.errors import UserError
-from wan_grpo.grpo.checkpoint import LORA_FILE, check_trained_checkpoint
+from wan_grpo.grpo.checkpoint import LORA_FILE, STATE_FILE, check_trained_checkpoint
+from wan_grpo.model_card import model_card
 from wan_grpo.specs import Expert
 
 # diffusers module name inside a block -> the original WanModel's
@@ -40,9 +43,12 @@ _KEY = re.compile(r"(?:transformer\.)?blocks\.(\d+)\.(.+)\.(lora_A|lora_B)\.weig
 class ExportConfig:
     checkpoint: str | None = opt(None, "A train or sft checkpoint folder (checkpoint-<step>).")
     format: str = opt("comfyui", "comfyui (original Wan key names, one file per expert, as ComfyUI and diffusers' "
-                                 "load_lora_weights read them) or diffusers (the expert folders as saved).",
-                      choices=("comfyui", "diffusers"))
+                                 "load_lora_weights read them), diffusers (the expert folders as saved) or merged "
+                                 "(the whole pipeline with the training fused into its experts).",
+                      choices=("comfyui", "diffusers", "merged"))
     output: str | None = opt(None, "New folder for the exported files.")
+    ckpt_dir: str | None = opt(None, "merged: the base model folder (diffusers layout). Default: the run's "
+                                     "--ckpt_dir.")
 
 
 def lora_alpha(path: Path) -> float:
@@ -92,6 +98,38 @@ def export_comfyui(checkpoint: Path, output: Path) -> list[Path]:
     return written
 
 
+def run_config(checkpoint: Path) -> dict:
+    """The resolved config of the run that wrote ``checkpoint`` (saved in its training state)."""
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    return dict(state.get("config", {}))
+
+
+def export_merged(checkpoint: Path, base: str | None, output: Path) -> list[str]:
+    """The base pipeline with each trained expert's LoRA fused in (or its full weights put in), saved whole."""
+    from diffusers import DiffusionPipeline, WanTransformer3DModel
+
+    if not base or not (Path(base) / "model_index.json").is_file():
+        raise UserError(f"--format merged needs the base model in the diffusers layout (got {base!r}); pass "
+                        "--ckpt_dir, converting an original-layout folder first with wan-grpo convert")
+    pipe = DiffusionPipeline.from_pretrained(base)
+    adapters = []
+    for expert in Expert:
+        folder = checkpoint / expert.diffusers_dir
+        if (folder / LORA_FILE).is_file():
+            pipe.load_lora_weights(str(folder), adapter_name=expert.label,
+                                   load_into_transformer_2=expert is Expert.LOW)
+            adapters.append(expert)
+        elif (folder / "config.json").is_file():
+            model = getattr(pipe, expert.diffusers_dir)
+            model.load_state_dict(WanTransformer3DModel.from_pretrained(folder).state_dict())
+    for expert in adapters:
+        pipe.fuse_lora(components=[expert.diffusers_dir], adapter_names=[expert.label])
+    if adapters:
+        pipe.unload_lora_weights()
+    pipe.save_pretrained(str(output))
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in output.iterdir())
+
+
 def run_export(cfg: ExportConfig) -> Path:
     if not cfg.checkpoint or not cfg.output:
         raise UserError("export needs --checkpoint CHECKPOINT_DIR and --output NEW_DIR")
@@ -105,14 +143,19 @@ def run_export(cfg: ExportConfig) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        config = run_config(checkpoint)
         if cfg.format == "comfyui":
             names = [p.name for p in export_comfyui(checkpoint, tmp)]
+        elif cfg.format == "merged":
+            names = export_merged(checkpoint, cfg.ckpt_dir or config.get("ckpt_dir"), tmp)
         else:
             names = []
             for expert in Expert:
                 if (checkpoint / expert.diffusers_dir).is_dir():
                     shutil.copytree(checkpoint / expert.diffusers_dir, tmp / expert.diffusers_dir)
                     names.append(expert.diffusers_dir)
+        step = int(checkpoint.name.rpartition("-")[2]) if checkpoint.name.rpartition("-")[2].isdigit() else 0
+        (tmp / "README.md").write_text(model_card(config, step, kind=cfg.format, files=names))
         if output.exists():
             output.rmdir()
         tmp.rename(output)

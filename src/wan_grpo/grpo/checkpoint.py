@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
 from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.policy import expert_names, lora_targets
+from wan_grpo.model_card import model_card
 from wan_grpo.specs import Expert
 
 log = logging.getLogger("wan_grpo")
@@ -163,6 +164,9 @@ def _write_rank0_files(tmp: Path, final: Path, step: int, policy, gathered: dict
                "lora": policy.lora, "experts": [int(e) for e in sorted(policy.experts)],
                "old_policy": policy.old is not None}
     torch.save(payload, tmp / STATE_FILE)
+    files = [f"{e.diffusers_dir}/" for e in sorted(policy.experts)] + ["dcp/ (sharded weights and optimizer)",
+                                                                        STATE_FILE]
+    (tmp / "README.md").write_text(model_card(state.get("config", {}), step, files=files))
     _test_pause()
     _write_json(tmp / MANIFEST, manifest(tmp))
     if final.exists():
