@@ -86,3 +86,73 @@ def test_export_errors_are_one_line(tmp_path, capsys, lora_checkpoint):
     assert main(["export", "--checkpoint", str(lora_checkpoint), "--output", str(tmp_path / "taken")]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "taken" / "x").read_text() == "keep me"
+
+
+# ----------------------------------------------------------------------------- --init_lora
+
+
+def build(tiny_ckpt, **overrides):
+    """The run's model with its policy built from a TrainConfig (as train's set-up does)."""
+    from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.grpo.policy import build_policy
+    from wan_grpo.runtime import load_model
+
+    cfg = TrainConfig(**{"ckpt_dir": str(tiny_ckpt), "reward": "brightness", "lora_rank": 4, "lora_alpha": 8.0,
+                         **overrides})
+    components, cfg, device, _ = load_model(cfg, load_text_encoder=False)
+    return components, build_policy(components, cfg, device=device)
+
+
+def forward(model):
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(2, 16, 2, 6, 8, generator=g), torch.randn(2, 12, 32, generator=g)
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([900.0, 300.0]), encoder_hidden_states=ctx,
+                     return_dict=False)[0]
+
+
+@pytest.fixture(scope="module")
+def comfy_files(tmp_path_factory, lora_checkpoint):
+    out = tmp_path_factory.mktemp("comfy") / "out"
+    assert main(["export", "--checkpoint", str(lora_checkpoint), "--format", "comfyui", "--output", str(out)]) == 0
+    return out / "high_noise_model_lora.safetensors", out / "low_noise_model_lora.safetensors"
+
+
+@pytest.mark.parametrize("source", ["comfyui", "diffusers"])
+def test_init_lora_reproduces_the_loras_outputs_before_the_first_update(tiny_ckpt, lora_checkpoint, comfy_files,
+                                                                        source):
+    files = comfy_files if source == "comfyui" else (lora_checkpoint / "transformer", lora_checkpoint / "transformer_2")
+    # a different --lora_alpha: the file's own scale is carried over
+    components, policy = build(tiny_ckpt, init_lora=",".join(map(str, files)), lora_alpha=16.0)
+    reference = tiny_pipeline(tiny_ckpt)
+    reference.load_lora_weights(lora_checkpoint / "transformer", adapter_name="high")
+    reference.load_lora_weights(lora_checkpoint / "transformer_2", adapter_name="low", load_into_transformer_2=True)
+    for sub in ("transformer", "transformer_2"):
+        ours, theirs = forward(getattr(components, sub)), forward(getattr(reference, sub))
+        assert rel(ours, theirs) <= 1e-5
+        assert rel(theirs, forward(getattr(tiny_pipeline(tiny_ckpt), sub))) > 1e-3  # the LoRA matters
+    assert policy.params  # the initialised adapters are what trains
+
+
+def test_init_lora_fuse_mode_makes_the_frozen_weights_base_plus_lora(tiny_ckpt, lora_checkpoint, comfy_files):
+    components, policy = build(tiny_ckpt, init_lora=",".join(map(str, comfy_files)), init_lora_mode="fuse")
+    fused = tiny_pipeline(tiny_ckpt)
+    fused.load_lora_weights(lora_checkpoint / "transformer", adapter_name="high")
+    fused.load_lora_weights(lora_checkpoint / "transformer_2", adapter_name="low", load_into_transformer_2=True)
+    fused.fuse_lora(components=["transformer"], adapter_names=["high"])
+    fused.fuse_lora(components=["transformer_2"], adapter_names=["low"])
+    fused.unload_lora_weights()
+    for sub in ("transformer", "transformer_2"):
+        model = getattr(components, sub)
+        frozen = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+        expected = getattr(fused, sub).state_dict()
+        assert frozen.keys() == expected.keys()
+        assert max((frozen[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6
+        # the new trainable adapter starts at zero: outputs are base + LoRA
+        assert rel(forward(model), forward(getattr(fused, sub))) <= 1e-5
+
+
+def test_init_lora_errors_are_one_line(tmp_path, capsys, tiny_ckpt):
+    argv = ["train", "--ckpt_dir", str(tiny_ckpt), "--reward", "brightness", "--save_dir", str(tmp_path / "r")]
+    assert main([*argv, "--init_lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "--init_lora" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -286,6 +286,7 @@ def check_resumable(path: Path, cfg) -> None:
 
     saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False).get("config", {})
     checks = [("algorithm", lambda c: c.get("algorithm", "grpo")), ("lora_rank", lambda c: int(c["lora_rank"])),
+              ("init_lora", lambda c: c.get("init_lora")), ("init_lora_mode", lambda c: c.get("init_lora_mode")),
               ("train_experts", lambda c: sorted(expert_names(c["train_experts"])))]
     if cfg.lora_rank > 0 and saved.get("lora_rank", 0) > 0:
         checks += [("lora_alpha", lambda c: float(c["lora_alpha"])),

@@ -27,6 +27,13 @@ class PolicyConfig(ModelConfig):
     lora_alpha: float = opt(64.0, "LoRA alpha.", gt=0)
     lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2",
                                    "Comma-separated module names that get LoRA adapters.")
+    init_lora: str | None = opt(None, "Start from an existing LoRA per trained expert: PATH (one expert) or "
+                                      "HIGH,LOW; a checkpoint's expert folder, a diffusers LoRA file or a ComfyUI / "
+                                      "original-format Wan LoRA file.")
+    init_lora_mode: str = opt("train", "train: the LoRA is the trainable adapter's initial value (same --lora_rank); "
+                                       "fuse: it is fused into the frozen expert first (e.g. a distilled few-step "
+                                       "LoRA for cheap rollouts). Full fine-tuning always fuses.",
+                              choices=("train", "fuse"))
     offload_model: bool = opt(False, "Keep only the active expert (and its optimizer state) on the accelerator; "
                                      "the other waits on CPU.")
     gradient_checkpointing: bool | None = opt(None, "Recompute activations in backward to save memory. Default: on for "

@@ -14,6 +14,7 @@ from diffusers.training_utils import cast_training_params
 
 from wan_grpo.distributed.parallelize import shard_expert
 from wan_grpo.errors import UserError
+from wan_grpo.grpo.init_lora import copy_into_adapter, fuse_into, init_lora_paths
 from wan_grpo.seeding import lora_init_seed, seeded_global_rng
 from wan_grpo.specs import EXPERT_LABELS, Expert
 
@@ -150,6 +151,10 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
         if module is not None:
             module.requires_grad_(False)
     lora = cfg.lora_rank > 0
+    init = init_lora_paths(cfg.init_lora, indices)
+    for idx, file in init.items():
+        if cfg.init_lora_mode == "fuse" or not lora:
+            fuse_into(experts[idx], file)
     references = None
     for idx, expert in experts.items():
         if lora:
@@ -163,6 +168,8 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
                     raise UserError(f"--lora_target_modules {cfg.lora_target_modules!r}: {str(exc).splitlines()[0]}; "
                                     "name Linear layers of WanTransformer3DModel, e.g. to_q,to_k,to_v,to_out.0")\
                         from None
+            if idx in init and cfg.init_lora_mode == "train":
+                copy_into_adapter(expert, init[idx], rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         else:
             expert.requires_grad_(True)
         # Master weights of what trains are fp32; forward runs under bf16 autocast on CUDA.

@@ -32,6 +32,7 @@ from wan_grpo.grpo.checkpoint import (
     save_checkpoint,
 )
 from wan_grpo.grpo.data import PromptOrder
+from wan_grpo.grpo.init_lora import check_files
 from wan_grpo.grpo.metrics import MetricsWriter
 from wan_grpo.grpo.policy import build_policy, expert_names, lora_targets, train_expert_indices
 from wan_grpo.grpo.preemption import Preempted, StopRequests
@@ -51,6 +52,7 @@ log = logging.getLogger("wan_grpo")
 
 def validate(cfg: SFTConfig) -> None:
     check_ranges(cfg)
+    check_files(cfg.init_lora)
     if not cfg.dataset:
         raise UserError("--dataset is required: a folder of .mp4 files with captions, or shapes[:1|2]")
     expert_names(cfg.train_experts)
