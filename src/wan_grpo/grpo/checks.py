@@ -14,6 +14,7 @@ from wan_grpo.config import check_ranges
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.init_lora import check_files
+from wan_grpo.grpo.metrics import report_targets
 from wan_grpo.grpo.policy import expert_names, lora_targets, train_expert_indices
 from wan_grpo.grpo.update import transitions_per_sample
 from wan_grpo.models.denoiser import route
@@ -37,6 +38,7 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need nothing but the settings: before any process group, file or model."""
     check_ranges(cfg)
     check_files(cfg.init_lora)
+    report_targets(cfg.report_to)
     if cfg.best_of_n and (cfg.best_of_n % 2 or cfg.best_of_n > cfg.num_generations):
         raise UserError(f"--best_of_n {cfg.best_of_n} must be even and <= --num_generations ({cfg.num_generations})")
     if cfg.algorithm == "grpo" and cfg.sample_solver not in (None, "sde"):

@@ -46,7 +46,13 @@ class PolicyConfig(ModelConfig):
                                    "keep all).", ge=0)
     log_interval: int = opt(1, "Print a metrics line every N steps (metrics.jsonl gets every step).", ge=0)
     resume: str | None = opt(None, "auto (newest complete checkpoint in --save_dir) or a checkpoint path.")
-    tensorboard: bool = opt(True, "Also log metrics to TensorBoard under SAVE_DIR/tb.")
+    tensorboard: bool = opt(True, "Also log metrics to TensorBoard under SAVE_DIR/tb (when --report_to names it).")
+    report_to: str = opt("tensorboard", "Where metrics also go besides SAVE_DIR/metrics.jsonl: tensorboard, wandb, "
+                                        "tensorboard,wandb or none. W&B (pip install wandb) gets the same scalars, "
+                                        "the sample videos and the resolved config; WANDB_MODE=offline needs no "
+                                        "network.")
+    wandb_project: str = opt("wan-grpo", "W&B project.")
+    wandb_run_name: str | None = opt(None, "W&B run name. Default: the --save_dir folder's name.")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0: no limit).", ge=0)
 
 

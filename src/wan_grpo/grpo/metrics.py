@@ -1,10 +1,11 @@
-"""Metrics sinks: SAVE_DIR/metrics.jsonl (one object per optimizer step) and TensorBoard."""
+"""Metrics sinks: SAVE_DIR/metrics.jsonl (one object per optimizer step), TensorBoard and W&B."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import uuid
 from pathlib import Path
 
 from wan_grpo.errors import UserError
@@ -18,8 +19,38 @@ def _clean(value):
     return value
 
 
+REPORT_TO = ("tensorboard", "wandb", "none")
+
+
+def report_targets(spec: str) -> set[str]:
+    """--report_to as a set; W&B must be installed when named (checked before anything loads)."""
+    targets = {t.strip() for t in str(spec).split(",") if t.strip()}
+    if not targets or not targets <= set(REPORT_TO) or ("none" in targets and len(targets) > 1):
+        raise UserError(f"--report_to {spec!r}: use tensorboard, wandb, tensorboard,wandb or none")
+    if "wandb" in targets:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError("--report_to wandb needs W&B: pip install wandb (or drop wandb)") from None
+    return targets - {"none"}
+
+
+def metrics_writer(cfg, save_dir: str | Path, *, resume_step: int) -> MetricsWriter:
+    """The writer a train or sft config asks for."""
+    targets = report_targets(cfg.report_to)
+    wandb_options = None
+    if "wandb" in targets:
+        import dataclasses
+
+        wandb_options = {"project": cfg.wandb_project, "name": cfg.wandb_run_name or Path(save_dir).resolve().name,
+                         "config": dataclasses.asdict(cfg)}
+    return MetricsWriter(save_dir, tensorboard=cfg.tensorboard and "tensorboard" in targets, resume_step=resume_step,
+                         wandb_options=wandb_options)
+
+
 class MetricsWriter:
-    def __init__(self, save_dir: str | Path, *, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, save_dir: str | Path, *, tensorboard: bool, resume_step: int = 0,
+                 wandb_options: dict | None = None):
         self.path = Path(save_dir) / "metrics.jsonl"
         self._truncate_after(resume_step)
         self.tb = None
@@ -27,6 +58,15 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(save_dir) / "tb"), purge_step=resume_step + 1 if resume_step else None)
+        self.wandb = None
+        if wandb_options is not None:
+            import wandb
+
+            # one W&B run per save_dir: a resumed run continues it
+            id_file = Path(save_dir) / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(id=run_id, resume="allow", dir=str(save_dir), **wandb_options)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop rows past the checkpoint so the file reads as one uninterrupted run."""
@@ -45,10 +85,22 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, row["step"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"
+                            and math.isfinite(v)}, step=row["step"])
+
+    def write_video(self, path: Path, caption: str, *, step: int) -> None:
+        """A sample video (already written to ``path``) to W&B; TensorBoard and metrics.jsonl skip it."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"sample": wandb.Video(str(path), caption=caption, format="mp4")}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
 def read_metrics(save_dir: str | Path) -> list[dict]:

@@ -43,7 +43,7 @@ from wan_grpo.grpo.checkpoint import (
 from wan_grpo.grpo.checks import check_schedule, parse_window, rollout_solver, validate
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.data import PromptOrder, load_prompt_records
-from wan_grpo.grpo.metrics import MetricsWriter, log_row, print_summary
+from wan_grpo.grpo.metrics import log_row, metrics_writer, print_summary
 from wan_grpo.grpo.policy import Policy, build_policy
 from wan_grpo.grpo.preemption import Preempted, StopRequests
 from wan_grpo.grpo.update import UpdateStats
@@ -82,6 +82,7 @@ class Run:
     eval_images: list[str | None]
     resume: Path | None  # the checkpoint to continue from
     algorithm: object  # grpo/algorithms.py: GRPO or NFT
+    last_sample: tuple[Path, str] | None = None  # the latest sample video written (path, prompt), for W&B
 
     def local_slice(self, total: int) -> slice:
         per = total // self.dist.dp_size  # context-parallel peers share their slot's samples
@@ -190,6 +191,7 @@ def _advantages(run: Run, scores: Scores):
 def _write_sample(run: Run, r: int, video: torch.Tensor, prompt: str) -> None:
     path = run.save_dir / "samples" / f"step-{(r + 1) * run.cfg.optimizer_steps_per_rollout:06d}.mp4"
     write_mp4(path, video.numpy(), fps=run.cfg.fps)
+    run.last_sample = (path, prompt)
     with (run.save_dir / "samples" / "prompts.txt").open("a", encoding="utf-8") as f:
         f.write(f"{path.name}\t{prompt}\n")
 
@@ -338,7 +340,7 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         run.counters.update(state["counters"])
         log.info("resumed from %s (step %d)", run.resume, state["step"])
     total = total_rollouts(cfg, run.order)
-    metrics = MetricsWriter(run.save_dir, tensorboard=cfg.tensorboard, resume_step=start * k) if main else None
+    metrics = metrics_writer(cfg, run.save_dir, resume_step=start * k) if main else None
     solver = run.sampler.solver if run.sampler.solver != "sde" else f"SDE ({cfg.sde_type})"
     log.info("%s on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d %s steps, "
              "%d process(es)", cfg.algorithm.upper(), cfg.task, len(run.order.prompts), total, k, cfg.num_generations,
@@ -356,6 +358,9 @@ def _loop(run: Run, stop: StopRequests) -> Path:
             _test_pause()
             for row in rows if main else ():
                 metrics.write(row)
+            if main and run.last_sample is not None:
+                metrics.write_video(*run.last_sample, step=rows[-1]["step"])
+                run.last_sample = None
             step = rows[-1]["step"]
             if cfg.log_interval and (r + 1) % cfg.log_interval == 0:
                 log_row(rows[-1])

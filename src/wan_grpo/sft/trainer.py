@@ -33,7 +33,7 @@ from wan_grpo.grpo.checkpoint import (
 )
 from wan_grpo.grpo.data import PromptOrder
 from wan_grpo.grpo.init_lora import check_files
-from wan_grpo.grpo.metrics import MetricsWriter
+from wan_grpo.grpo.metrics import metrics_writer, report_targets
 from wan_grpo.grpo.policy import build_policy, expert_names, lora_targets, train_expert_indices
 from wan_grpo.grpo.preemption import Preempted, StopRequests
 from wan_grpo.grpo.update import clip_gradients, current_lrs, finish_step
@@ -53,6 +53,7 @@ log = logging.getLogger("wan_grpo")
 def validate(cfg: SFTConfig) -> None:
     check_ranges(cfg)
     check_files(cfg.init_lora)
+    report_targets(cfg.report_to)
     if not cfg.dataset:
         raise UserError("--dataset is required: a folder of .mp4 files with captions, or shapes[:1|2]")
     expert_names(cfg.train_experts)
@@ -126,7 +127,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     log.info("SFT on %d videos (%d captions), %d steps of %d, noise levels [%.3f, %.3f) at shift %g, training %s",
              len(latents), len(set(prompts)), total, cfg.batch_size, lo, hi, cfg.sample_shift,
              ", ".join(e.label for e in trained))
-    metrics = MetricsWriter(save_dir, tensorboard=cfg.tensorboard, resume_step=start)
+    metrics = metrics_writer(cfg, save_dir, resume_step=start)
     neg = cache.get([cfg.negative_prompt])
     saved_at = start if resume is not None else None
     try:
