@@ -25,8 +25,9 @@ from safetensors.torch import save_file
 
 from wan_grpo.config import opt
 from wan_grpo.errors import UserError
-from wan_grpo.grpo.checkpoint import LORA_FILE, STATE_FILE, check_trained_checkpoint
+from wan_grpo.grpo.checkpoint import STATE_FILE, check_trained_checkpoint
 from wan_grpo.model_card import model_card
+from wan_grpo.models.files import LORA_FILE
 from wan_grpo.specs import Expert
 
 # diffusers module name inside a block -> the original WanModel's

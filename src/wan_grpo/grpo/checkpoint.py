@@ -46,6 +46,7 @@ from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.policy import expert_names, lora_targets
 from wan_grpo.model_card import model_card
+from wan_grpo.models.files import LORA_FILE
 from wan_grpo.specs import Expert
 
 log = logging.getLogger("wan_grpo")
@@ -53,7 +54,6 @@ log = logging.getLogger("wan_grpo")
 STATE_FILE = "training_state.pt"
 MANIFEST = "MANIFEST.json"
 SLOW_WRITE_ENV = "WAN_GRPO_TEST_CHECKPOINT_DELAY"  # tests only: seconds to pause inside a checkpoint write
-LORA_FILE = "pytorch_lora_weights.safetensors"
 SHARDED = StateDictOptions(ignore_frozen_params=True, strict=False)
 GATHERED = StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True)
 

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from wan_grpo.errors import UserError
+from wan_grpo.models.files import LORA_FILE
 from wan_grpo.specs import Expert
-
-LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def init_lora_paths(spec: str | None, experts: list[Expert]) -> dict[Expert, Path]:
@@ -32,23 +31,22 @@ def init_lora_paths(spec: str | None, experts: list[Expert]) -> dict[Expert, Pat
     if len(paths) != len(experts):
         raise UserError(f"--init_lora names {len(paths)} LoRA(s) for {len(experts)} trained expert(s) "
                         f"({', '.join(e.label for e in experts)}); give one path per expert, high-noise first")
-    out = {}
-    for expert, path in zip(experts, paths):
-        file = path / LORA_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise UserError(f"--init_lora {path} does not exist or holds no {LORA_FILE}; pass a LoRA file or a "
-                            "checkpoint's expert folder")
-        out[expert] = file
-    return out
+    return {expert: _lora_file(path) for expert, path in zip(experts, paths)}
 
 
 def check_files(spec: str | None) -> None:
     """Before anything loads: every --init_lora path exists."""
     for part in (p.strip() for p in (spec or "").split(",") if p.strip()):
-        path = Path(part)
-        if not (path / LORA_FILE if path.is_dir() else path).is_file():
-            raise UserError(f"--init_lora {path} does not exist or holds no {LORA_FILE}; pass a LoRA file or a "
-                            "checkpoint's expert folder")
+        _lora_file(Path(part))
+
+
+def _lora_file(path: Path) -> Path:
+    """The LoRA file a --init_lora path names: the file itself, or a folder's pytorch_lora_weights.safetensors."""
+    file = path / LORA_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"--init_lora {path} does not exist or holds no {LORA_FILE}; pass a LoRA file or a "
+                        "checkpoint's expert folder")
+    return file
 
 
 def read_lora(file: Path) -> tuple[dict[str, torch.Tensor], float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,8 +41,6 @@ def metrics_writer(cfg, save_dir: str | Path, *, resume_step: int) -> MetricsWri
     targets = report_targets(cfg.report_to)
     wandb_options = None
     if "wandb" in targets:
-        import dataclasses
-
         wandb_options = {"project": cfg.wandb_project, "name": cfg.wandb_run_name or Path(save_dir).resolve().name,
                          "config": dataclasses.asdict(cfg)}
     return MetricsWriter(save_dir, tensorboard=cfg.tensorboard and "tensorboard" in targets, resume_step=resume_step,

@@ -17,6 +17,7 @@ from wan_grpo.distributed import DistInfo
 from wan_grpo.grpo.nft import nft_loss, reward_weight
 from wan_grpo.grpo.update import UpdateStats, _micro_batches, optimizer_steps, select_steps
 from wan_grpo.seeding import TRAIN_NOISE, stream
+from wan_grpo.sft.loss import noised
 
 
 def draw_noise(rows: torch.Tensor, seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -67,9 +68,8 @@ def nft_update(
     noise = draw_noise(rows, seeds, tuple(x0.shape[1:]))
     if dist.world_size == 1:  # (optimizer_steps drops them too; here they would cost old-policy passes)
         rows = rows[weights[rows[:, 0]] > 0]
-    t = sigmas[rows[:, 1]].view(-1, *([1] * (x0.dim() - 1)))
     x_t = torch.zeros_like(noise)
-    x_t[rows[:, 3]] = (1 - t) * x0[rows[:, 0]].cpu() + t * noise[rows[:, 3]]
+    x_t[rows[:, 3]] = noised(x0[rows[:, 0]].cpu(), noise[rows[:, 3]], sigmas[rows[:, 1]])
     size = cfg.train_batch_size
     predict = dict(timesteps=timesteps, owners=owners, size=size, device=device, image=image)
     with policy.old_weights():

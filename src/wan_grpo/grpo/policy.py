@@ -182,7 +182,6 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
             expert.enable_gradient_checkpointing()
         expert.train()
     if fsdp:
-
         # frozen experts run forward passes too (rollouts): shard every present expert
         for module in (components.transformer, components.transformer_2, *(references or {}).values()):
             if module is not None:

@@ -9,6 +9,8 @@ import torch
 
 from wan_grpo.errors import UserError
 
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a saved LoRA adapter
+
 
 def read_json(path: Path) -> dict:
     """A JSON file's content; an unreadable or malformed file is a UserError naming it."""
