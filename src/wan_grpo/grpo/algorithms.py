@@ -43,7 +43,8 @@ class GRPO:
             run.denoiser, cond, negative, latent_shape_one=run.shape_one, seeds=seeds, noise_seeds=noise_seeds,
             config=run.sampler, micro_batch=cfg.rollout_batch_size,
             storage_dtype=torch.bfloat16 if cfg.trajectory_dtype == "bf16" else torch.float32,
-            storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=progress, image=image)
+            storage_device="cpu" if cfg.trajectory_on_cpu else None, progress=progress, image=image,
+            record_means=cfg.ratio_norm)
         return traj.final_latents, traj
 
     def update(self, run, batch: Rollout, advantages, keep, *, rollout_index: int, progress) -> list[UpdateStats]:

@@ -49,6 +49,11 @@ def validate(cfg: TrainConfig) -> None:
                         "video of a group the same; drop --share_noise")
     if cfg.algorithm == "nft" and cfg.offload_model:
         raise UserError("--offload_model is not supported with --algorithm nft yet; drop it or use --dit_fsdp")
+    if cfg.algorithm != "grpo" and (cfg.ratio_norm or cfg.reweight_steps):
+        raise UserError("--ratio_norm and --reweight_steps are GRPO-Guard options for --algorithm grpo; drop them")
+    if cfg.reweight_steps and cfg.sde_type not in ("flow", "dance"):
+        raise UserError(f"--reweight_steps has step weights for --sde_type flow and dance only (GRPO-Guard defines "
+                        f"none for {cfg.sde_type}); use one of those or drop it")
     if cfg.noise_level == 0 and rollout_solver(cfg) == "sde" and cfg.algorithm == "grpo":
         raise UserError("--noise_level 0 makes every step deterministic, so nothing can be trained; use e.g. 0.7 "
                         "(flow) or 0.3 (dance)")

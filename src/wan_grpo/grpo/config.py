@@ -90,6 +90,11 @@ class TrainConfig(RewardConfig, PolicyConfig):
     timestep_fraction: float = opt(1.0, "Fraction of each sample's trainable steps replayed per update.", gt=0, le=1)
     clip_range: float = opt(1e-4, "PPO clip range epsilon.", gt=0)
     kl_coef: float = opt(0.0, "Weight of the KL to the reference policy (LoRA: adapters disabled).", ge=0)
+    ratio_norm: bool = opt(False, "grpo: GRPO-Guard's RatioNorm: the log-ratio times the step's std plus the "
+                                  "mean-shift term, so it centres on 0 at every noise level; use a far smaller "
+                                  "--clip_range (the paper: 2e-6). Stores each step's mean; docs/math.md.")
+    reweight_steps: bool = opt(False, "grpo: GRPO-Guard's per-step loss weight 1/abs(dt) (flow) or "
+                                      "beta_t/abs(dt) (dance), which evens out the steps' gradients (RatioNorm).")
     optimizer_steps_per_rollout: int = opt(1, "Optimizer steps per rollout (1: the rollout is one step).", ge=1)
     nft_beta: float = opt(1.0, "nft: strength b of the implicit positive/negative policies v+- (DiffusionNFT's "
                                "beta).", gt=0)

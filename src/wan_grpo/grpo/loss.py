@@ -1,4 +1,5 @@
-"""PPO-clip policy loss and the KL penalty to a reference policy. Pure tensor functions."""
+"""PPO-clip policy loss, GRPO-Guard's ratio normalisation and step weights, and the KL penalty to a
+reference policy. Pure tensor functions."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import torch
 
 
 def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                  clip_range: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-transition loss max(-A r, -A clip(r, 1-e, 1+e)), shape (M,), and detached stats (M,)."""
-    log_ratio = log_prob - old_log_prob
+                  clip_range: float, *, log_ratio: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-transition loss max(-A r, -A clip(r, 1-e, 1+e)), shape (M,), and detached stats (M,).
+    ``log_ratio`` replaces log_prob - old_log_prob (GRPO-Guard's normalised one)."""
+    if log_ratio is None:
+        log_ratio = log_prob - old_log_prob
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
@@ -32,3 +36,37 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor,
         return kl.mean(dim=dims)
     mask = mask.to(kl.dtype).expand_as(kl)
     return (kl * mask).sum(dim=dims) / mask.sum(dim=dims)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    dims = tuple(range(1, x.ndim))
+    if mask is None:
+        return x.mean(dim=dims)
+    mask = mask.to(x.dtype).expand_as(x)
+    return (x * mask).sum(dim=dims) / mask.sum(dim=dims)
+
+
+def ratio_norm_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor,
+                         old_mean: torch.Tensor, std: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm (arXiv 2510.22319, Eq. 8): s (log p - log p_old) + mse / (2 s), (M,).
+
+    s is the step's std (per sample) and mse the mean of (mean - old_mean)^2 over the positions the
+    log-probs average. For a transition sampled from the old policy, x' = old_mean + s xi, this is
+    mean(xi (mean - old_mean)): the always-negative -mse / (2 s^2) bias of the plain log-ratio is
+    removed and its 1/s growth at low noise is gone, so one clip range fits every step.
+    """
+    s = std.reshape(std.shape[0])
+    mse = _masked_mean((mean - old_mean) ** 2, mask)
+    return s * (log_prob - old_log_prob) + mse / (2 * s)
+
+
+def guard_step_weight(sigma: torch.Tensor, sigma_next: torch.Tensor, *, kind: str, noise_level: float) -> torch.Tensor:
+    """GRPO-Guard's per-step loss weight (Eq. 12): 1 / |dt| for flow; beta_t / |dt| for dance with
+    beta_t = 1 + a^2 (1 - t) / (2 t). With RatioNorm a step's policy gradient scales with dt, so
+    without it steps at large dt dominate. The paper defines no weight for cps."""
+    dt = (sigma - sigma_next).abs()
+    if kind == "flow":
+        return 1.0 / dt
+    if kind == "dance":
+        return (1 + noise_level**2 * (1 - sigma) / (2 * sigma)) / dt
+    raise ValueError(f"GRPO-Guard defines step weights for the flow and dance SDEs, not {kind!r}")

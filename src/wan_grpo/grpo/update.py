@@ -16,7 +16,7 @@ import torch
 
 from wan_grpo.distributed import DistInfo, all_reduce_sum
 from wan_grpo.grpo import replay
-from wan_grpo.grpo.loss import gaussian_kl, ppo_clip_loss
+from wan_grpo.grpo.loss import gaussian_kl, guard_step_weight, ppo_clip_loss, ratio_norm_log_ratio
 from wan_grpo.sampling.rollout import Trajectory
 from wan_grpo.seeding import TIMESTEPS, stream
 from wan_grpo.specs import EXPERT_LABELS, EXPERTS, Expert
@@ -126,8 +126,19 @@ def policy_update(
         img = None if image is None else image[s.to(image.latents.device)]
         out = replay.replay_transitions(denoiser, traj, s, t, cond[s.to(cond.device)], unc,
                                         expert=expert, device=device, image=img)
-        per_transition, st = ppo_clip_loss(out.log_prob, traj.log_probs[s, t].to(device), advantages[s].to(device),
-                                           cfg.clip_range)
+        old = traj.log_probs[s, t].to(device)
+        log_ratio = None
+        if cfg.ratio_norm:  # GRPO-Guard
+            old_mean = traj.means[s.to(traj.means.device), t.to(traj.means.device)].to(device)
+            log_ratio = ratio_norm_log_ratio(out.log_prob, old, out.mean, old_mean, out.std,
+                                             None if img is None else img.generated)
+        per_transition, st = ppo_clip_loss(out.log_prob, old, advantages[s].to(device), cfg.clip_range,
+                                           log_ratio=log_ratio)
+        if cfg.reweight_steps:
+            sig = traj.sigmas.to(device)
+            per_transition = per_transition * guard_step_weight(sig[t.to(device)], sig[t.to(device) + 1],
+                                                                kind=traj.sde_type, noise_level=traj.noise_level
+                                                                ).to(per_transition.dtype)
         kl = torch.zeros_like(per_transition)
         if cfg.kl_coef > 0:
             with torch.no_grad(), policy.reference(denoiser) as ref_denoiser:

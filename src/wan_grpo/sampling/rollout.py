@@ -79,6 +79,7 @@ class Trajectory:
     trainable: torch.Tensor  # (T,) bool: stochastic steps (SDE window and std > 0)
     sde_type: str = "flow"
     noise_level: float = 0.7
+    means: torch.Tensor | None = None  # (B, T, C, F, H, W) float32: each step's Gaussian mean (--ratio_norm)
 
     @property
     def num_samples(self) -> int:
@@ -100,6 +101,7 @@ class Trajectory:
             log_probs=torch.cat([p.log_probs for p in parts]),
             sigmas=first.sigmas, timesteps=first.timesteps, experts=first.experts, trainable=first.trainable,
             sde_type=first.sde_type, noise_level=first.noise_level,
+            means=None if first.means is None else torch.cat([p.means for p in parts]),
         )
 
 
@@ -158,6 +160,7 @@ def rollout(
     storage_dtype: torch.dtype = torch.float32,
     storage_device: torch.device | str | None = None,
     image=None,
+    record_means: bool = False,
 ) -> tuple[torch.Tensor, Trajectory | None]:
     """Euler/SDE sampling from ``noise`` (B, C, F, H, W). Returns final latents and the trajectory.
 
@@ -166,6 +169,7 @@ def rollout(
     and before the next step starts, so re-evaluating the stored transition reproduces it.
     ``image`` (an ImageCondition with B rows) conditions every call; for TI2V's kept first frame
     the conditioned positions hold the image latent throughout and are left out of the log-probs.
+    ``record_means`` also keeps each step's Gaussian mean in float32 (GRPO-Guard's RatioNorm needs it).
     """
     if config.solver in MULTISTEP:
         raise ValueError(f"{config.solver} has no transition density; use sample_multistep for plain sampling")
@@ -180,7 +184,7 @@ def rollout(
     if record:  # the model must see exactly what is stored, the noise included
         latents = latents.to(storage_dtype).float()
     stored = [latents.to(storage_device, storage_dtype)] if record else None
-    log_probs = []
+    log_probs, means = [], []
     for i in range(config.steps):
         v = denoiser.predict_velocity(latents, float(timesteps[i]), prompt_embeds, negative_embeds,
                                       expert=int(experts[i]), image=image)
@@ -196,6 +200,8 @@ def rollout(
         if record:
             stored.append(next_latents.to(storage_device, storage_dtype))
             log_probs.append(log_prob.float().cpu())
+            if record_means:
+                means.append(out.mean.float().to(storage_device))
         latents = next_latents
     if not record:
         return latents, None
@@ -208,6 +214,7 @@ def rollout(
         trainable=stochastic.clone(),
         sde_type=config.sde_type,
         noise_level=config.noise_level,
+        means=torch.stack(means, dim=1) if record_means else None,
     )
     return latents, traj
 
@@ -235,6 +242,7 @@ def rollout_groups(
     storage_device=None,
     progress=None,
     image=None,
+    record_means: bool = False,
 ) -> Trajectory:
     """One recorded sample per seed. Sample k's SDE noise comes from its own generator seeded with
     ``seeds[k]``, its initial noise from ``noise_seeds[k]`` (default: the same seed; give samples of a
@@ -252,7 +260,7 @@ def rollout_groups(
         gens = [stream(s, SDE_NOISE) for s in seeds[sl]]
         _, traj = rollout(denoiser, noise[sl], prompt_embeds[sl], None if uncond is None else uncond[sl],
                           config=config, generator=gens, storage_dtype=storage_dtype, storage_device=storage_device,
-                          image=None if image is None else image[sl])
+                          image=None if image is None else image[sl], record_means=record_means)
         parts.append(traj)
         if progress is not None:
             progress(sl.stop - sl.start)
