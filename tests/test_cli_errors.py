@@ -56,3 +56,20 @@ def test_python_m_entry_point_and_help():
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().count("\n") == 0 and "unrecognized arguments" in bad.stderr
+
+
+def test_train_config_checks_its_fields_when_made():
+    """Ranges and cross-field checks run in TrainConfig.__post_init__ (as TRL's GRPOConfig), so a config
+    built in Python fails as early as one built from flags."""
+    from wan_grpo.errors import UserError
+    from wan_grpo.grpo.config import TrainConfig
+
+    for kwargs, needle in [({"max_steps": 3, "optimizer_steps_per_rollout": 2}, "use 2 or 4"),
+                           ({"optimizer_steps_per_rollout": 0}, "optimizer_steps_per_rollout"),
+                           ({"algorithm": "nft", "ratio_norm": True}, "--algorithm grpo"),
+                           ({"sample_solver": "unipc"}, "--algorithm nft for any solver"),
+                           ({"best_of_n": 3}, "must be even")]:
+        with pytest.raises(UserError, match=needle):
+            TrainConfig(**kwargs)
+    assert TrainConfig(algorithm="nft", sample_solver="unipc").rollout_solver == "unipc"
+    assert TrainConfig().rollout_solver == "sde"

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from wan_grpo.config import ModelConfig, opt
+from wan_grpo.config import ModelConfig, check_ranges, opt
+from wan_grpo.errors import UserError
 from wan_grpo.rewards.config import RewardConfig
 
 
@@ -113,3 +114,44 @@ class TrainConfig(RewardConfig, PolicyConfig):
     eval_interval: int = opt(0, "Every N rollouts, sample --eval_prompts deterministically (UniPC, fixed seeds) "
                                 "and log eval_<component>_mean (0: off).", ge=0)
     eval_prompts: str | None = opt(None, "Held-out prompts for --eval_interval (.txt or .jsonl).")
+
+    def __post_init__(self):
+        """Cross-field checks, as TRL's GRPOConfig does: a bad combination fails where it is made, in one
+        line that names the fix. Checks that read files or the checkpoint live in grpo/checks.py."""
+        check_ranges(self)  # first: the checks below divide by and compare the fields
+        if self.best_of_n and (self.best_of_n % 2 or self.best_of_n > self.num_generations):
+            raise UserError(f"--best_of_n {self.best_of_n} must be even and <= --num_generations "
+                            f"({self.num_generations})")
+        if self.algorithm == "grpo" and self.sample_solver not in (None, "sde"):
+            raise UserError(f"--sample_solver {self.sample_solver}: GRPO needs the log-probs of SDE steps; use sde, "
+                            "or --algorithm nft for any solver")
+        if self.algorithm == "nft" and self.share_noise and self.rollout_solver != "sde":
+            raise UserError(f"--share_noise with the deterministic --sample_solver {self.rollout_solver} makes every "
+                            "video of a group the same; drop --share_noise")
+        if self.algorithm == "nft" and self.offload_model:
+            raise UserError("--offload_model is not supported with --algorithm nft yet; drop it or use --dit_fsdp")
+        if self.algorithm != "grpo" and (self.ratio_norm or self.reweight_steps):
+            raise UserError("--ratio_norm and --reweight_steps are GRPO-Guard options for --algorithm grpo; drop them")
+        if self.reweight_steps and self.sde_type not in ("flow", "dance"):
+            raise UserError(f"--reweight_steps has step weights for --sde_type flow and dance only (GRPO-Guard "
+                            f"defines none for {self.sde_type}); use one of those or drop it")
+        if self.noise_level == 0 and self.rollout_solver == "sde" and self.algorithm == "grpo":
+            raise UserError("--noise_level 0 makes every step deterministic, so nothing can be trained; use e.g. "
+                            "0.7 (flow) or 0.3 (dance)")
+        k = self.optimizer_steps_per_rollout
+        if self.max_steps % k:
+            lower, upper = self.max_steps // k * k, (self.max_steps // k + 1) * k
+            raise UserError(f"--max_steps {self.max_steps} is not a multiple of --optimizer_steps_per_rollout {k} "
+                            f"(a rollout's optimizer steps are never split); use {lower or upper} or {upper}")
+        if self.offload_model and (self.dit_fsdp or (self.kl_coef > 0 and self.lora_rank == 0)):
+            raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
+        if self.dit_fsdp and self.kl_coef > 0 and self.lora_rank == 0:
+            raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA "
+                            "(--lora_rank)")
+        if self.eval_interval and not self.eval_prompts:
+            raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
+
+    @property
+    def rollout_solver(self) -> str:
+        """--sample_solver, or its default: sde for GRPO, unipc for NFT."""
+        return self.sample_solver or ("sde" if self.algorithm == "grpo" else "unipc")

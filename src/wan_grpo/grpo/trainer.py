@@ -40,7 +40,7 @@ from wan_grpo.grpo.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from wan_grpo.grpo.checks import check_schedule, parse_window, rollout_solver, validate
+from wan_grpo.grpo.checks import check_schedule, parse_window, validate
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.data import PromptOrder, load_prompt_records
 from wan_grpo.grpo.metrics import log_row, metrics_writer, print_summary
@@ -249,7 +249,7 @@ def setup(cfg: TrainConfig) -> Run:
     eval_prompts, eval_images = load_prompt_records(cfg.eval_prompts, flag="--eval_prompts") if cfg.eval_interval \
         else ([], [])
     cfg, model_info = resolve_config(cfg)
-    sampler = SamplerConfig(solver=rollout_solver(cfg), steps=cfg.sampling_steps, shift=cfg.sample_shift,
+    sampler = SamplerConfig(solver=cfg.rollout_solver, steps=cfg.sampling_steps, shift=cfg.sample_shift,
                             sde_type=cfg.sde_type, noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
     check_schedule(cfg, model_info, sampler)
     resume = resolve_resume(cfg.resume, save_dir)
