@@ -32,9 +32,13 @@ SETTINGS = {
     "grpo-dance": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_type", "dance",
                    "--noise_level", "0.3"],
     "grpo-cps": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_type", "cps"],
+    "grpo-guard": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--ratio_norm", "true",
+                   "--reweight_steps", "true", "--clip_range", "2e-6"],
     "grpo-lora": ["--algorithm", "grpo", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3"],
     "nft": ["--algorithm", "nft", "--lora_rank", "0", "--learning_rate", "1e-4", "--timestep_fraction", "0.3",
             "--train_batch_size", "32"],
+    "nft-high": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
+                 "--timestep_fraction", "1.0", "--train_batch_size", "32"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }

@@ -108,6 +108,12 @@ class ModelConfig:
                                   "near seams differ slightly.")
     vae_slicing: bool = opt(False, "VAE decodes a batch one video at a time (diffusers' enable_slicing), whatever "
                                    "--decode_batch_size.")
+    attention_backend: str | None = opt(None, "Attention kernel of the experts, through diffusers' attention "
+                                              "dispatcher: native, flash, flash_hub, sage, flex, _native_cudnn, ... "
+                                              "(a missing package is an error before the model loads). Default: "
+                                              "diffusers' (PyTorch SDPA).")
+    compile: bool = opt(False, "torch.compile each transformer block (regional, diffusers' compile_repeated_blocks): "
+                               "compile time is one block's. On CPU it needs a C++ compiler.")
 
 
 LORA_HELP = ("A train or sft checkpoint folder (checkpoint-<step>) whose LoRA or full weights are applied to the "

@@ -12,6 +12,7 @@ import torch
 from wan_grpo.errors import UserError
 from wan_grpo.models.denoiser import expert_for_timestep
 from wan_grpo.models.files import cast_keeping_fp32
+from wan_grpo.models.kernels import check_attention_backend, check_compile, compile_blocks, set_attention_backend
 from wan_grpo.models.loading import checkpoint_info, load_components, load_tokenizer_and_encoder, text_encoder_paths
 from wan_grpo.models.text import EmbeddingDiskCache, PromptEmbeddingCache, files_identity, module_identity
 from wan_grpo.models.tiny import build_tiny_components, tiny_info
@@ -124,6 +125,8 @@ def load_model(cfg, *, load_text_encoder: bool = True):
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    check_attention_backend(cfg.attention_backend)
+    check_compile(cfg.compile, device.type)
     cfg, _ = resolve_config(cfg)
     if cfg.ckpt_dir is None:
         components = build_tiny_components(0)  # the model is fixed; --seed drives sampling
@@ -139,6 +142,10 @@ def load_model(cfg, *, load_text_encoder: bool = True):
         components.vae.enable_tiling()
     if cfg.vae_slicing:
         components.vae.enable_slicing()
+    experts = list(components.experts.values())
+    set_attention_backend(experts, cfg.attention_backend)
+    if cfg.compile:
+        compile_blocks(experts)
     return components, cfg, device, dtype
 
 

@@ -5,11 +5,12 @@
    per-channel mean and std go into its config, as Wan's VAEs carry theirs.
 2. A seeded UMT5 with a word-level tokenizer over the grammar (``text.py``), never trained.
 3. Two random WanTransformer3DModel experts (boundary 0.875, as T2V-A14B) saved with the rest by
-   ``WanPipeline.save_pretrained``; ``wan-grpo sft`` then trains both on the training prompts of
-   both levels, stopped while held-out accuracy is still well below 1.
-4. The result is written atomically to ``--out`` with its held-out accuracy in a model card.
+   ``WanPipeline.save_pretrained``; ``wan-grpo sft`` then trains them in stages (``STAGES``: both
+   experts, then each alone, each stage starting from the last), stopped while held-out accuracy is
+   still well below 1.
+4. The result is written atomically to ``--out`` with its build card (build.json).
 
-``python -m wan_grpo.tasks.shapes.build --out DIR [--work DIR] [--vae_steps N] [--sft_steps N]``
+``python -m wan_grpo.tasks.shapes.build --out DIR [--work DIR] [--vae_steps N] [--stage EXPERTS:STEPS:LR:VPP ...]``
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,37 @@ DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_di
                   out_channels=16, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
 SEED = 0
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One ``wan-grpo sft`` run of the build: which experts, how many steps of 32 videos, the peak LR
+    (cosine), and rendered videos per training caption. Stage i uses seed SEED + i."""
+
+    experts: str  # high, low or high,low
+    steps: int
+    lr: float
+    videos_per_prompt: int
+
+    @staticmethod
+    def parse(text: str) -> "Stage":
+        try:
+            experts, steps, lr, vpp = text.split(":")
+            stage = Stage(experts.replace("both", "high,low"), int(steps), float(lr), int(vpp))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not EXPERTS:STEPS:LR:VPP (e.g. both:2000:2e-3:1)") from None
+        if stage.experts not in ("high", "low", "high,low") or stage.steps < 1 or stage.videos_per_prompt < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: EXPERTS is high, low or both; STEPS and VPP are >= 1")
+        return stage
+
+    def label(self) -> str:
+        return f"{self.experts.replace('high,low', 'both')}:{self.steps}:{self.lr:g}:{self.videos_per_prompt}"
+
+
+# The shipped base: both experts learn the world, then the high-noise expert (which lays out the scene:
+# where the objects are and how they move) and the low-noise one (their edges: the shape) go on alone.
+STAGES = (Stage("high,low", 2000, 2e-3, 1), Stage("high,low", 1500, 1e-3, 2), Stage("high", 1500, 1e-3, 2),
+          Stage("high", 1500, 1e-3, 2), Stage("low", 1500, 1e-3, 2))
 
 
 def _zero_temporal_taps(vae: AutoencoderKLWan) -> int:
@@ -163,19 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(BASE_DIR), help="Where the finished model goes (default: the package's).")
     parser.add_argument("--work", default="runs/shapes-build", help="Intermediate files (VAE, SFT run).")
     parser.add_argument("--vae_steps", type=int, default=1200)
-    parser.add_argument("--sft_steps", type=int, default=2000)
-    parser.add_argument("--sft_lr", type=float, default=2e-3)
-    parser.add_argument("--high_noise_share", type=float, default=None,
-                        help="sft --high_noise_share (default: the shifted density's own share).")
-    parser.add_argument("--videos_per_prompt", type=int, default=1)
+    parser.add_argument("--stage", action="append", type=Stage.parse, metavar="EXPERTS:STEPS:LR:VPP",
+                        help="An SFT stage (repeat for several; default: the shipped base's "
+                             f"{' '.join(st.label() for st in STAGES)}). EXPERTS: high, low or both.")
     parser.add_argument("--dataset", default="shapes", help="sft --dataset (shapes:1 for a quick test build).")
     parser.add_argument("--vae_from", help="Reuse the trained VAE of an earlier build (its work/init folder).")
-    parser.add_argument("--save_interval", type=int, default=0, help="Also keep SFT checkpoints every N steps.")
-    parser.add_argument("--high_steps", type=int, default=0,
-                        help="Then train the high-noise expert alone this many steps (it lays out the scene: the "
-                             "motion and the shapes; measured on base4 + 1500: level-1 val accuracy 0.16 -> 0.20, "
-                             "level 2 0.04 -> 0.10).")
-    parser.add_argument("--high_lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -200,32 +225,25 @@ def main(argv: list[str] | None = None) -> int:
     init = work / "init"
     shutil.rmtree(init, ignore_errors=True)
     save_pipeline(random_pipeline(vae), init)
-
-
-    sft_dir = work / "sft"
-    shutil.rmtree(sft_dir, ignore_errors=True)
-    run_sft(SFTConfig(ckpt_dir=str(init), task="shapes", dataset=args.dataset, lora_rank=0, learning_rate=args.sft_lr,
-                      weight_decay=0.0, warmup_steps=100, lr_schedule="cosine", max_steps=args.sft_steps, batch_size=32,
-                      train_batch_size=32, videos_per_prompt=args.videos_per_prompt, caption_dropout=0.1,
-                      high_noise_share=args.high_noise_share, save_dir=str(sft_dir),
-                      save_interval=args.save_interval,
-                      tensorboard=False, log_interval=100, seed=SEED))
-    final = {e: sft_dir / f"checkpoint-{args.sft_steps}" for e in Expert}
-    if args.high_steps:
-        stage = work / "stage1"
-        _assemble(init, final, stage)
-        high_dir = work / "sft-high"
-        shutil.rmtree(high_dir, ignore_errors=True)
-        run_sft(SFTConfig(ckpt_dir=str(stage), task="shapes", dataset=args.dataset, lora_rank=0, train_experts="high",
-                          learning_rate=args.high_lr, weight_decay=0.0, warmup_steps=50, lr_schedule="cosine",
-                          max_steps=args.high_steps, batch_size=32, train_batch_size=32, videos_per_prompt=2,
-                          caption_dropout=0.1, save_dir=str(high_dir), tensorboard=False, log_interval=100,
-                          seed=SEED + 1))
-        final[Expert.HIGH] = high_dir / f"checkpoint-{args.high_steps}"
+    stages = tuple(args.stage or STAGES)
+    current, final = init, {}
+    for i, stage in enumerate(stages):
+        sft_dir = work / f"sft-{i}"
+        shutil.rmtree(sft_dir, ignore_errors=True)
+        run_sft(SFTConfig(ckpt_dir=str(current), task="shapes", dataset=args.dataset, lora_rank=0,
+                          train_experts=stage.experts, learning_rate=stage.lr, weight_decay=0.0,
+                          warmup_steps=100 if i == 0 else 50, lr_schedule="cosine", max_steps=stage.steps,
+                          batch_size=32, train_batch_size=32, videos_per_prompt=stage.videos_per_prompt,
+                          caption_dropout=0.1, save_dir=str(sft_dir), tensorboard=False, log_interval=100,
+                          seed=SEED + i))
+        for name in stage.experts.split(","):
+            final[Expert[name.upper()]] = sft_dir / f"checkpoint-{stage.steps}"
+        current = work / f"stage-{i}"
+        _assemble(init, final, current)
     assembled = out.with_name(f".{out.name}.tmp")
     _assemble(init, final, assembled)
-    card = {"vae_psnr_db": round(vae_psnr, 2), "vae_steps": args.vae_steps, "sft_steps": args.sft_steps,
-            "high_steps": args.high_steps, "build_seconds": round(time.perf_counter() - t0)}
+    card = {"vae_psnr_db": round(vae_psnr, 2), "vae_steps": args.vae_steps,
+            "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0)}
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
