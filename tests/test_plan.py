@@ -2,6 +2,8 @@
 
 import re
 
+import pytest
+
 from wan_grpo.cli import main
 
 GIB = 2**30
@@ -48,3 +50,69 @@ def test_train_prints_the_same_estimate_at_start_up():
     assert gib(out, "optimizer") == round(2 * LORA_R64 * 8 / GIB, 2)
     out8 = "\n".join(train_estimate(TrainConfig(task="t2v-A14B", size="480*832", frame_num=33, lora_rank=0), nproc=8))
     assert gib(out8, "optimizer") == round(2 * P * 8 / 8 / GIB, 2)
+
+
+def test_rollout_decode_and_trajectory_terms_and_the_peak():
+    """A14B at 832*480*81, LoRA r64 on 8 processes: the issue's 151 GiB with --train_batch_size 4 is
+    the update's activations; the rollout, decode and trajectory are now counted too."""
+    from wan_grpo.plan import PlanConfig, estimate
+
+    est = estimate(PlanConfig(task="t2v-A14B", size="832*480", frame_num=81, lora_rank=64, nproc=8))
+    b = est["bytes"]
+    seq = 21 * 30 * 52  # latent frames x (480/16) x (832/16)
+    assert est["tokens_per_sample"] == seq
+    assert b["trajectory"] == 1 * 41 * 16 * 21 * 60 * 104 * 4  # 1 sample per process, 40 steps + 1, fp32
+    t = 2 * seq  # CFG
+    assert b["rollout_activations_estimate"] == 2 * t * 5120 * 2 + t * (12 * 5120 + 2 * 13824) * 2
+    assert b["vae_decode_estimate"] == 3 * 192 * 4 * 832 * 480 * 2
+    held = sum(b[k] for k in ("frozen_weights", "optimizer", "lora_weights_and_grads", "trajectory"))
+    assert est["total_bytes"] == held + b["activations_estimate"]  # the update is the largest phase
+    assert 150 < est["total_bytes"] / GIB < 153
+
+
+def _fits(est, memory, key, phase, n):
+    from wan_grpo.plan import MARGIN, STATIC
+
+    held = sum(est["bytes"][k] for k in STATIC)
+    return held + phase(est["shape"], n) <= MARGIN * memory
+
+
+@pytest.mark.parametrize("task,size,frames,lora,nproc,gib_,want", [
+    ("t2v-A14B", "832*480", 81, 64, 8, 80, {"train_batch_size": 1, "rollout_batch_size": 1, "decode_batch_size": 1}),
+    ("ti2v-5B", "832*480", 49, 32, 1, 24, {"train_batch_size": 3, "rollout_batch_size": 7, "decode_batch_size": 8}),
+])
+def test_auto_batch_sizes_are_the_largest_that_fit(task, size, frames, lora, nproc, gib_, want):
+    from wan_grpo.plan import PlanConfig, estimate, rollout_activations, train_activations, vae_decode
+
+    est = estimate(PlanConfig(task=task, size=size, frame_num=frames, lora_rank=lora, nproc=nproc,
+                              device_memory_gib=gib_))
+    assert est["auto"] == want
+    memory = gib_ * GIB
+    samples = est["samples_per_process"]
+    for key, phase in (("train_batch_size", train_activations), ("rollout_batch_size", rollout_activations),
+                       ("decode_batch_size", vae_decode)):
+        n = est["auto"][key]
+        assert _fits(est, memory, key, phase, n)
+        limit = samples if key != "train_batch_size" else 1024
+        assert n == limit or not _fits(est, memory, key, phase, n + 1), key
+
+
+def test_nothing_fits_is_a_one_line_error_naming_fixes(capsys):
+    assert main(["plan", "--task", "ti2v-5B", "--lora_rank", "32", "--device_memory_gib", "24"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing fits in 24 GiB" in err[0] and "--trajectory_on_cpu" in err[0]
+    assert "--lora_rank" not in err[0]  # already LoRA
+
+
+def test_train_resolves_unset_batch_sizes_by_the_device_memory():
+    from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.plan import resolve_batch_sizes
+
+    cfg = TrainConfig(task="t2v-A14B", size="832*480", frame_num=81, lora_rank=64, num_generations=8)
+    cpu, chosen = resolve_batch_sizes(cfg, nproc=8, device_memory=None)
+    assert (cpu.train_batch_size, cpu.rollout_batch_size, cpu.decode_batch_size) == (4, 0, 1)
+    gpu, chosen = resolve_batch_sizes(cfg, nproc=8, device_memory=80 * GIB)
+    assert chosen == {"train_batch_size": 1, "rollout_batch_size": 1, "decode_batch_size": 1}
+    given, chosen = resolve_batch_sizes(TrainConfig(task="t2v-A14B", size="832*480", frame_num=81, lora_rank=64,
+                                                    train_batch_size=2), nproc=8, device_memory=80 * GIB)
+    assert given.train_batch_size == 2 and "train_batch_size" not in chosen

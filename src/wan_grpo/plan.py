@@ -9,8 +9,16 @@ Terms per process (bytes; N = processes sharding with --dit_fsdp, else 1):
 - optimizer (AdamW): 8 per trainable parameter (fp32 first and second moments), / N
 - LoRA: 4 (fp32 weight) + 4 (gradient) + 8 (AdamW) per adapter parameter, / N
 - --algorithm nft: 4 per trainable parameter (the old policy's fp32 copy), / N
-- activations (an estimate, not exact): with gradient checkpointing, one block's input kept per
-  block plus one block's working set, for the 2x batch of CFG, bf16.
+- trajectory (GRPO): every local sample's T+1 latents in fp32 (0 with --trajectory_on_cpu)
+- phases, of which only the largest is live at once (estimates, not exact):
+  - activations (update): with gradient checkpointing, one block's input kept per block plus one
+    block's working set, for the 2x batch of CFG, bf16;
+  - rollout activations: one block's working set and the hidden states for --rollout_batch_size
+    samples (0: all of the process's samples) times 2 for CFG, bf16, no gradients;
+  - VAE decode: --decode_batch_size videos, each holding 3 bf16 tensors of the decoder's widest
+    full-resolution activation for 4 frames at a time (its causal chunk).
+
+``auto_batch_sizes`` picks, for a device's memory, the largest micro-batches whose peak fits.
 """
 
 from __future__ import annotations
@@ -38,6 +46,14 @@ class PlanConfig(ModelConfig):
     train_batch_size: int = opt(4, "Transitions per forward/backward micro-batch.", ge=1)
     algorithm: str = opt("grpo", "grpo, or nft (which keeps an fp32 copy of the trained weights: the old policy).",
                          choices=("grpo", "nft"))
+    batch_size: int = opt(1, "Prompts per rollout (train --batch_size).", ge=1)
+    num_generations: int = opt(8, "Videos per prompt (train --num_generations).", ge=1)
+    rollout_batch_size: int = opt(0, "Samples per model call in rollouts (0: all of a process's samples).", ge=0)
+    decode_batch_size: int | None = opt(None, "Videos per VAE decode call. Default: the preset's.", ge=1)
+    trajectory_on_cpu: bool = opt(False, "Stored trajectories in CPU memory (not counted).")
+    device_memory_gib: float | None = opt(None, "Also pick the largest --train_batch_size, --rollout_batch_size and "
+                                                "--decode_batch_size whose peak fits this much memory per process "
+                                                "(90% of it), as train does on an accelerator.", gt=0)
 
 
 def count_parameters(config: dict, *, lora_rank: int, targets: list[str]) -> tuple[int, int]:
@@ -112,13 +128,95 @@ def estimate(cfg: PlanConfig) -> dict:
         "nft_old_policy": n_trained * (per_expert if full else lora) * 4 / n if cfg.algorithm == "nft" else 0.0,
     }
     dim = config["num_attention_heads"] * config["attention_head_dim"]
-    seq = ((frames - 1) // ts + 1) * (height // hs // patch[1]) * (width // ws // patch[2])
-    tokens = 2 * cfg.train_batch_size * seq  # CFG doubles the batch
-    per_block_working = tokens * (12 * dim + 2 * config["ffn_dim"]) * 2
-    terms["activations_estimate"] = config["num_layers"] * tokens * dim * 2 + per_block_working
-    return {"task": task, "size": f"{width}*{height}", "frames": frames, "tokens_per_sample": seq,
-            "params_per_expert": per_expert, "lora_params_per_expert": lora, "experts_trained": n_trained,
-            "nproc": n, "lora_rank": cfg.lora_rank, "bytes": terms, "total_bytes": sum(terms.values())}
+    latent_frames = (frames - 1) // ts + 1
+    seq = latent_frames * (height // hs // patch[1]) * (width // ws // patch[2])
+    shape = Shape(seq=seq, dim=dim, ffn=config["ffn_dim"], layers=config["num_layers"],
+                  latent=config["out_channels"] * latent_frames * (height // hs) * (width // ws),
+                  steps=preset.sampling_steps if cfg.sampling_steps is None else cfg.sampling_steps,
+                  decode=(ARCHITECTURES[task].vae_decode_features if task in ARCHITECTURES else (32, 1)),
+                  frames=frames, pixels=width * height)
+    samples = max(1, cfg.batch_size * cfg.num_generations // n)  # this process's share of a rollout
+    terms["trajectory"] = 0.0 if cfg.trajectory_on_cpu or cfg.algorithm == "nft" else \
+        samples * (shape.steps + 1) * shape.latent * 4
+    terms["activations_estimate"] = train_activations(shape, cfg.train_batch_size)
+    terms["rollout_activations_estimate"] = rollout_activations(shape, cfg.rollout_batch_size or samples)
+    decode = cfg.decode_batch_size or preset.decode_batch_size
+    terms["vae_decode_estimate"] = vae_decode(shape, decode)
+    est = {"task": task, "size": f"{width}*{height}", "frames": frames, "tokens_per_sample": seq,
+           "params_per_expert": per_expert, "lora_params_per_expert": lora, "experts_trained": n_trained,
+           "nproc": n, "lora_rank": cfg.lora_rank, "bytes": terms, "total_bytes": peak(terms),
+           "samples_per_process": samples, "shape": shape}
+    if cfg.device_memory_gib is not None:
+        est["auto"] = auto_batch_sizes(est, cfg.device_memory_gib * GIB)
+    return est
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the activation estimates need: tokens per sample, model width, latent and video sizes."""
+
+    seq: int
+    dim: int
+    ffn: int
+    layers: int
+    latent: int  # latent elements per sample
+    steps: int
+    decode: tuple[int, int]  # the VAE decoder's widest full-resolution activation: channels, pixels per pixel
+    frames: int
+    pixels: int
+
+
+STATIC = ("frozen_weights", "trained_weights_and_grads", "optimizer", "lora_weights_and_grads", "nft_old_policy",
+          "trajectory")
+PHASES = ("activations_estimate", "rollout_activations_estimate", "vae_decode_estimate")
+MARGIN = 0.9  # auto batch sizes leave 10% of the device for the allocator's fragmentation and CUDA context
+
+
+def train_activations(s: Shape, batch: int) -> float:
+    tokens = 2 * batch * s.seq  # CFG doubles the batch
+    return s.layers * tokens * s.dim * 2 + tokens * (12 * s.dim + 2 * s.ffn) * 2
+
+
+def rollout_activations(s: Shape, batch: int) -> float:
+    tokens = 2 * batch * s.seq
+    return 2 * tokens * s.dim * 2 + tokens * (12 * s.dim + 2 * s.ffn) * 2
+
+
+def vae_decode(s: Shape, batch: int) -> float:
+    channels, per_pixel = s.decode
+    return batch * 3 * channels * min(4, s.frames) * s.pixels / per_pixel * 2
+
+
+def peak(terms: dict) -> float:
+    """What is held throughout plus the largest phase: rollout, update and decode never overlap."""
+    return sum(terms[k] for k in STATIC if k in terms) + max(terms.get(k, 0.0) for k in PHASES)
+
+
+def auto_batch_sizes(est: dict, memory: float) -> dict:
+    """The largest train, rollout and decode micro-batches (each phase alone, since they never overlap)
+    whose peak stays within MARGIN of ``memory`` bytes per process; a one-line error when not even
+    batches of 1 fit."""
+    s, terms = est["shape"], est["bytes"]
+    budget = MARGIN * memory - sum(terms[k] for k in STATIC)
+    need = {"train": train_activations(s, 1), "rollout": rollout_activations(s, 1), "decode": vae_decode(s, 1)}
+    if budget < max(need.values()):
+        held = sum(terms[k] for k in STATIC)
+        fixes = ["LoRA (--lora_rank 32)"] if est["lora_rank"] == 0 else []
+        fixes += ["--trajectory_on_cpu"] if terms["trajectory"] > 0 else []
+        fixes += ["more processes with --dit_fsdp", "a smaller --size or --frame_num"]
+        raise UserError(f"nothing fits in {memory / GIB:.0f} GiB per process: the weights, optimizer and trajectory "
+                        f"take {held / GIB:.1f} GiB and a batch of 1 needs {max(need.values()) / GIB:.1f} GiB more; "
+                        f"use {', '.join(fixes[:-1])} or {fixes[-1]}")
+
+    def largest(cost, limit: int) -> int:
+        n = 1
+        while n < limit and cost(n + 1) <= budget:
+            n += 1
+        return n
+
+    return {"train_batch_size": largest(lambda b: train_activations(s, b), 1024),
+            "rollout_batch_size": largest(lambda b: rollout_activations(s, b), est["samples_per_process"]),
+            "decode_batch_size": largest(lambda b: vae_decode(s, b), est["samples_per_process"])}
 
 
 def describe(est: dict) -> list[str]:
@@ -128,16 +226,49 @@ def describe(est: dict) -> list[str]:
              f"parameters per expert: {est['params_per_expert']:,}; LoRA parameters per expert: "
              f"{est['lora_params_per_expert']:,}"]
     lines += [f"  {name:28s} {value / GIB:10.2f} GiB" for name, value in est["bytes"].items()]
-    lines.append(f"  {'total per process':28s} {est['total_bytes'] / GIB:10.2f} GiB")
+    lines.append(f"  {'peak per process':28s} {est['total_bytes'] / GIB:10.2f} GiB  (held terms + the largest phase)")
+    if "auto" in est:
+        lines.append("largest batches that fit: " + ", ".join(f"--{k} {v}" for k, v in est["auto"].items()))
     return lines
+
+
+def train_plan(cfg, *, nproc: int, device_memory: float | None = None) -> dict:
+    """The plan of a resolved TrainConfig (unset batch sizes at their CPU defaults); with
+    ``device_memory`` (bytes per process) also the largest batch sizes that fit (``est["auto"]``)."""
+    return estimate(PlanConfig(
+        task=cfg.task, ckpt_dir=cfg.ckpt_dir, size=cfg.size, frame_num=cfg.frame_num,
+        sampling_steps=cfg.sampling_steps, lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules,
+        train_experts=cfg.train_experts, nproc=nproc, train_batch_size=cfg.train_batch_size or CPU_TRAIN_BATCH,
+        algorithm=cfg.algorithm, batch_size=cfg.batch_size, num_generations=cfg.num_generations,
+        rollout_batch_size=cfg.rollout_batch_size or 0, decode_batch_size=cfg.decode_batch_size,
+        trajectory_on_cpu=cfg.trajectory_on_cpu,
+        device_memory_gib=None if device_memory is None else device_memory / GIB))
 
 
 def train_estimate(cfg, *, nproc: int) -> list[str]:
     """The plan for a resolved TrainConfig, as ``train`` prints it at start-up."""
-    return describe(estimate(PlanConfig(task=cfg.task, ckpt_dir=cfg.ckpt_dir, size=cfg.size, frame_num=cfg.frame_num,
-                                        lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules,
-                                        train_experts=cfg.train_experts, nproc=nproc,
-                                        train_batch_size=cfg.train_batch_size, algorithm=cfg.algorithm)))
+    return describe(train_plan(cfg, nproc=nproc))
+
+
+CPU_TRAIN_BATCH = 4  # --train_batch_size when unset and not on an accelerator
+
+
+def resolve_batch_sizes(cfg, *, nproc: int, device_memory: float | None):
+    """Unset (None) --train_batch_size / --rollout_batch_size / --decode_batch_size: on an accelerator
+    (``device_memory`` bytes per process) the largest that fit by plan's estimate, else the CPU
+    defaults (4, all samples at once, the preset's). Returns the config and what was chosen."""
+    import dataclasses
+
+    unset = {k for k in ("train_batch_size", "rollout_batch_size", "decode_batch_size") if getattr(cfg, k) is None}
+    if not unset:
+        return cfg, {}
+    if device_memory is None:
+        chosen = {"train_batch_size": CPU_TRAIN_BATCH, "rollout_batch_size": 0,
+                  "decode_batch_size": PRESETS[cfg.task].decode_batch_size}
+    else:
+        chosen = train_plan(cfg, nproc=nproc, device_memory=device_memory)["auto"]
+    chosen = {k: v for k, v in chosen.items() if k in unset}
+    return dataclasses.replace(cfg, **chosen), chosen
 
 
 def run_plan(cfg: PlanConfig) -> dict:

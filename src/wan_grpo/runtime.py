@@ -25,6 +25,11 @@ log = logging.getLogger("wan_grpo")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def device_memory(device: torch.device) -> float | None:
+    """Total memory of an accelerator in bytes; None for the CPU (batch sizes then keep their defaults)."""
+    return float(torch.cuda.get_device_properties(device).total_memory) if device.type == "cuda" else None
+
+
 def resolve_device(name: str, *, flag: str = "--device") -> torch.device:
     """auto, cpu, cuda or cuda:N; anything else, or CUDA on a machine without it, is a one-line error."""
     if name == "auto":

@@ -82,6 +82,13 @@ class Architecture:
     vae_file: str  # the VAE's file in the original layout
     pipeline: str  # the diffusers pipeline class
 
+    @property
+    def vae_decode_features(self) -> tuple[int, int]:
+        """(channels, pixels per output pixel) of the VAE decoder's widest full-resolution activation:
+        Wan2.1's VAE ends at 96 channels after a 192-channel upsampling input; Wan2.2's (16x) at 160
+        channels over 2x2-patchified pixels (320 before its last upsampling)."""
+        return (320, 4) if self.vae_stride[1] == 16 else (192, 1)
+
     def dit_config(self) -> dict:
         """WanTransformer3DModel keyword arguments."""
         return dict(patch_size=(1, 2, 2), num_attention_heads=self.num_attention_heads,

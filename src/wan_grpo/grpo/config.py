@@ -80,9 +80,12 @@ class TrainConfig(RewardConfig, PolicyConfig):
     sample_solver: str | None = opt(None, "Rollout solver: sde (GRPO's, the only one it takes); nft takes unipc, "
                                           "dpm++, euler or sde. Default: sde for grpo, unipc for nft.",
                                     choices=("sde", "unipc", "dpm++", "euler"))
-    rollout_batch_size: int = opt(0, "Samples per model call in rollouts (0: all at once).", ge=0)
-    decode_batch_size: int | None = opt(None, "Videos per VAE decode call after a rollout. Default: the preset's "
-                                              "(1; 16 for shapes). A short last batch is padded, so a video's "
+    rollout_batch_size: int | None = opt(None, "Samples per model call in rollouts (0: all at once). Default: on an "
+                                               "accelerator the largest that fits (wan-grpo plan's estimate), else "
+                                               "0.", ge=0)
+    decode_batch_size: int | None = opt(None, "Videos per VAE decode call after a rollout. Default: on an "
+                                              "accelerator the largest that fits, else the preset's (1; 16 for "
+                                              "shapes). A short last batch is padded, so a video's "
                                               "pixels never depend on its batch-mates (or the process count).",
                                         ge=1)
     trajectory_dtype: str = opt("fp32", "dtype of stored trajectory latents.", choices=("fp32", "bf16"))
@@ -102,7 +105,9 @@ class TrainConfig(RewardConfig, PolicyConfig):
     nft_decay_type: int = opt(1, "nft: schedule of the old policy's soft update old <- d old + (1 - d) new after "
                                  "each rollout, k optimizer steps in: 0 (d = 0), 1 (min(0.001 k, 0.5)), 2 (0 until "
                                  "k = 75, then min(0.0075 (k - 75), 0.999)), as DiffusionNFT.", choices=(0, 1, 2))
-    train_batch_size: int = opt(4, "Transitions (sample, step) per forward/backward micro-batch.", ge=1)
+    train_batch_size: int | None = opt(None, "Transitions (sample, step) per forward/backward micro-batch. Default: "
+                                             "on an accelerator the largest that fits (wan-grpo plan's estimate, "
+                                             "90% of its memory), else 4.", ge=1)
     # Distributed (README "Many GPUs")
     t5_fsdp: bool = opt(False, "Accepted for command lines written for Wan2.2's generate.py: the text encoder "
                                "runs once per distinct prompt and is freed, so there is nothing to shard.")

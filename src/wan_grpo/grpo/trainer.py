@@ -50,9 +50,17 @@ from wan_grpo.grpo.update import UpdateStats
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.plan import train_estimate
+from wan_grpo.plan import resolve_batch_sizes, train_estimate
 from wan_grpo.rewards import RewardSet, build_rewards
-from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_config, resolve_device
+from wan_grpo.runtime import (
+    describe_split,
+    device_memory,
+    encode_all,
+    load_model,
+    place,
+    resolve_config,
+    resolve_device,
+)
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, latent_shape
 from wan_grpo.seeding import sample_seed, seed_everything
@@ -271,6 +279,11 @@ def setup(cfg: TrainConfig) -> Run:
         raise UserError(f"--batch_size x --num_generations = {total} samples do not split over {info.dp_size} "
                         "processes; make it a multiple of the process count")
     components, cfg, device, dtype = load_model(cfg)
+    memory = device_memory(device) if cfg.task != "tiny" else None  # tiny: no architecture to estimate
+    cfg, chosen = resolve_batch_sizes(cfg, nproc=info.world_size if cfg.dit_fsdp else 1, device_memory=memory)
+    if chosen and memory is not None:
+        log.info("batch sizes chosen for %.0f GiB per process by plan's estimate: %s", memory / 2**30,
+                 ", ".join(f"--{k} {v}" for k, v in chosen.items()))
     rewards = build_rewards(cfg, default=default_reward(cfg.task), device=device,
                             drop_failed=True)
     check_prompt_images(components, images, "--prompts")
