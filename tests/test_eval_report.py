@@ -83,3 +83,20 @@ def test_eval_and_report_bad_input(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert main(["train", "--task", "tiny", "--eval_interval", "2", "--save_dir", str(tmp_path / "t")]) == 2
     assert "needs --eval_prompts" in capsys.readouterr().err
+
+
+def test_batched_eval_gives_the_one_at_a_time_scores(tmp_path):
+    """--batch_size samples several videos per model call (the last batch padded); each video's score
+    is the one-at-a-time score up to float rounding, in the same (prompt, seed) order and files."""
+    rows = {}
+    for b in (1, 4):
+        out = tmp_path / f"b{b}"
+        assert main(["eval", "--task", "tiny", "--reward", "brightness", "--num_samples", "3", "--batch_size", str(b),
+                     "--save_dir", str(out)]) == 0
+        rows[b] = json.loads((out / "eval.json").read_text())["videos"]
+    assert len(rows[1]) == len(rows[4]) == 15  # five built-in prompts x 3 seeds; 15 = 3 batches of 4 + 3
+    for one, batched in zip(rows[1], rows[4]):
+        assert (one["prompt"], one["seed"], one["video"]) == (batched["prompt"], batched["seed"], batched["video"])
+        assert batched["brightness"] == pytest.approx(one["brightness"], abs=1e-4)
+    values = sorted(r["brightness"] for r in rows[1])
+    assert min(b - a for a, b in zip(values, values[1:])) > 2e-4  # distinct videos: a mix-up would show

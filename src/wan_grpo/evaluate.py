@@ -30,7 +30,7 @@ from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_multistep
 from wan_grpo.sampling.schedule import MULTISTEP
 from wan_grpo.seeding import seed_everything
-from wan_grpo.specs import default_reward
+from wan_grpo.specs import PRESETS, default_reward
 from wan_grpo.video import read_mp4, write_mp4
 
 log = logging.getLogger("wan_grpo")
@@ -44,6 +44,9 @@ class EvalConfig(RewardConfig, ModelConfig):
     num_samples: int = opt(1, "Videos per prompt (seeds seed + 1000 * prompt_index + k).", ge=1)
     eval_solver: str = opt("unipc", "Deterministic solver: unipc, dpm++ or euler.", choices=("unipc", "dpm++", "euler"))
     compare_to: str | None = opt(None, "An earlier eval folder (e.g. of the base model) to compare against.")
+    batch_size: int | None = opt(None, "Videos sampled per model call (a short last batch is padded, so scores do "
+                                       "not depend on it beyond float rounding). Default: the preset's decode "
+                                       "batch (1; 16 for shapes).", ge=1)
 
 
 def stderr(values: list[float]) -> float:
@@ -62,34 +65,48 @@ def summarize(rows: list[dict], components: list[str]) -> dict:
 
 @torch.no_grad()
 def generate_and_score(components, denoiser, cache, rewards, prompts: list[str], cfg, *, solver: str,
-                       num_samples: int, device, video_dir: Path | None, images: list | None = None) -> list[dict]:
-    """One row per video: prompt, prompt_index, seed, video file, and every reward component."""
+                       num_samples: int, device, video_dir: Path | None, images: list | None = None,
+                       batch_size: int = 1, decode_batch_size: int = 1) -> list[dict]:
+    """One row per video: prompt, prompt_index, seed, video file, and every reward component.
+
+    Videos are sampled ``batch_size`` at a time in (prompt, seed) order; a short last batch is padded
+    with copies, so every model call has the same shape and a video never depends on its batch-mates
+    (a batch of prompts with and without a conditioning image is split at the change)."""
     width, height = parse_size(cfg.size)
     shape = latent_shape(components, width=width, height=height, frame_num=cfg.frame_num)
     sampler = SamplerConfig(solver=solver, steps=cfg.sampling_steps, shift=cfg.sample_shift)
     uncond = cache.get([cfg.negative_prompt])
+    has_image = [bool(images) and images[i] is not None for i in range(len(prompts))]
+    jobs = [(i, k, cfg.seed + 1000 * i + k) for i in range(len(prompts)) for k in range(num_samples)]
     rows = []
-    for i, prompt in enumerate(prompts):
+    start = 0
+    while start < len(jobs):
+        chunk = jobs[start:start + batch_size]
+        chunk = [j for j in chunk if has_image[j[0]] == has_image[chunk[0][0]]]  # stop where image use changes
+        start += len(chunk)
+        padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+        noise = torch.cat([initial_noise(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device)
+                           for _, _, seed in padded])
+        cond = torch.cat([cache.get([prompts[i]]) for i, _, _ in padded])
+        neg = uncond.expand(len(padded), -1, -1)
         image = None
-        if images and images[i] is not None:
-            image = encode_images(components, [images[i]], width=width, height=height, frame_num=cfg.frame_num,
-                                  device=device)
-        for k in range(num_samples):
-            seed = cfg.seed + 1000 * i + k
-            noise = initial_noise(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device)
-            cond = cache.get([prompt])
-            if sampler.solver in MULTISTEP:
-                latents = sample_multistep(denoiser, noise, cond, uncond, config=sampler,
+        if has_image[chunk[0][0]]:
+            image = encode_images(components, [images[i] for i, _, _ in padded], width=width, height=height,
+                                  frame_num=cfg.frame_num, device=device)
+        if sampler.solver in MULTISTEP:
+            latents = sample_multistep(denoiser, noise, cond, neg, config=sampler,
                                        scheduler_config=components.scheduler_config, image=image)
-            else:
-                latents, _ = rollout(denoiser, noise, cond, uncond, config=sampler, record=False, image=image)
-            video = decode_latents(components.vae, latents)[0]
-            row = {"prompt": prompt, "prompt_index": i, "seed": seed}
+        else:
+            latents, _ = rollout(denoiser, noise, cond, neg, config=sampler, record=False, image=image)
+        videos = decode_latents(components.vae, latents[:len(chunk)], micro_batch=decode_batch_size)
+        batch_prompts = [prompts[i] for i, _, _ in chunk]
+        scores = rewards(list(videos), batch_prompts, fps=cfg.fps)
+        for n, (i, k, seed) in enumerate(chunk):
+            row = {"prompt": prompts[i], "prompt_index": i, "seed": seed}
             if video_dir is not None:
-                path = write_mp4(video_dir / f"p{i:03d}_s{k:02d}.mp4", video.numpy(), fps=cfg.fps)
+                path = write_mp4(video_dir / f"p{i:03d}_s{k:02d}.mp4", videos[n].numpy(), fps=cfg.fps)
                 row["video"] = str(path.relative_to(video_dir.parent))
-            scores = rewards([video], [prompt], fps=cfg.fps)
-            row.update({c: float(v[0]) if math.isfinite(float(v[0])) else None for c, v in scores.items()})
+            row.update({c: float(v[n]) if math.isfinite(float(v[n])) else None for c, v in scores.items()})
             rows.append(row)
     return rows
 
@@ -114,8 +131,10 @@ def run_eval(cfg: EvalConfig) -> Path:
     place(components, device)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
                            autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+    decode = PRESETS[cfg.task].decode_batch_size
     rows = generate_and_score(components, denoiser, cache, rewards, prompts, cfg, solver=cfg.eval_solver,
-                              num_samples=cfg.num_samples, device=device, video_dir=out / "videos", images=images)
+                              num_samples=cfg.num_samples, device=device, video_dir=out / "videos", images=images,
+                              batch_size=cfg.batch_size or decode, decode_batch_size=decode)
     names = list(rewards.coefs)
     result = {"config": dataclasses.asdict(cfg), "components": names, "videos": rows,
               "summary": summarize(rows, names)}
