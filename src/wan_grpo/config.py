@@ -70,6 +70,12 @@ def check_ranges(config) -> None:
 TASKS = ("tiny", "shapes", "t2v-A14B", "i2v-A14B", "ti2v-5B")
 
 
+PRECISION_HELP = ("bf16: frozen weights bf16 (diffusers' _keep_in_fp32_modules stay fp32), forward passes under "
+                  "bf16 autocast, trained weights, optimizer state, SDE arithmetic and log-probs fp32, FSDP2 gathering "
+                  "bf16 and reducing fp32, VideoAlign in bf16; fp32: everything fp32. On any device. Default: bf16 on "
+                  "CUDA, fp32 on CPU.")
+
+
 @dataclass
 class ModelConfig:
     task: str | None = opt(None, "Model preset: tiny (random weights, for tests), shapes (the small pretrained "
@@ -79,8 +85,9 @@ class ModelConfig:
     ckpt_dir: str | None = opt(None, "Wan2.2 checkpoint folder: diffusers layout (model_index.json) or the "
                                      "original Wan-AI layout (auto-detected).")
     device: str = opt("auto", "auto (cuda if available, else cpu), cpu, cuda or cuda:N.")
-    dtype: str = opt("auto", "Weights dtype: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32.",
-                     choices=("auto", "bf16", "fp16", "fp32"))
+    dtype: str = opt("auto", "Frozen weights dtype: auto (bf16 under --mixed_precision bf16, else fp32), bf16, "
+                             "fp16 or fp32.", choices=("auto", "bf16", "fp16", "fp32"))
+    mixed_precision: str | None = opt(None, PRECISION_HELP, choices=("bf16", "fp32"))
     seed: int = opt(0, "Random seed: decides the initial noise (as diffusers' WanPipeline with "
                        "Generator('cpu').manual_seed), SDE noise, trained timesteps, LoRA initialisation and data "
                        "order, on any number of processes.", ge=0, lt=2**32)

@@ -25,7 +25,7 @@ from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.rewards import build_rewards
 from wan_grpo.rewards.config import RewardConfig
-from wan_grpo.runtime import encode_all, load_model, place, resolve_device
+from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_multistep
 from wan_grpo.sampling.schedule import MULTISTEP
@@ -130,7 +130,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     cache = encode_all(components, prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
-                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                           autocast_dtype=autocast_dtype(cfg.mixed_precision))
     decode = PRESETS[cfg.task].decode_batch_size
     rows = generate_and_score(components, denoiser, cache, rewards, prompts, cfg, solver=cfg.eval_solver,
                               num_samples=cfg.num_samples, device=device, video_dir=out / "videos", images=images,

@@ -47,9 +47,20 @@ def resolve_device(name: str, *, flag: str = "--device") -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_precision(name: str | None, device: torch.device) -> str:
+    """--mixed_precision, or its default: bf16 on CUDA, fp32 elsewhere."""
+    return name or ("bf16" if device.type == "cuda" else "fp32")
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype forward passes autocast to under a resolved --mixed_precision (None: no autocast)."""
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def resolve_dtype(name: str, device: torch.device, precision: str | None = None) -> torch.dtype:
+    """--dtype of the frozen weights; auto follows --mixed_precision."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if resolve_precision(precision, device) == "bf16" else torch.float32
     return DTYPES[name]
 
 
@@ -129,7 +140,8 @@ def load_model(cfg, *, load_text_encoder: bool = True):
     """(components, cfg with every None default filled, device, dtype). The models stay on CPU until placed."""
 
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    cfg = dataclasses.replace(cfg, mixed_precision=resolve_precision(cfg.mixed_precision, device))
+    dtype = resolve_dtype(cfg.dtype, device, cfg.mixed_precision)
     check_attention_backend(cfg.attention_backend)
     check_compile(cfg.compile, device.type)
     cfg, _ = resolve_config(cfg)

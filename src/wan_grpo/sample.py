@@ -12,7 +12,7 @@ from wan_grpo.config import SampleConfig, check_ranges, parse_size
 from wan_grpo.grpo.checkpoint import apply_checkpoint, check_trained_checkpoint
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.runtime import describe_split, encode_all, load_model, place, resolve_device
+from wan_grpo.runtime import autocast_dtype, describe_split, encode_all, load_model, place, resolve_device
 from wan_grpo.sampling.conditioning import check_image, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_multistep
 from wan_grpo.sampling.schedule import MULTISTEP
@@ -35,7 +35,8 @@ def sample_latents(cfg: SampleConfig, components, device, dtype) -> torch.Tensor
                             sde_type=cfg.sde_type, noise_level=cfg.noise_level)
     cache = encode_all(components, [cfg.prompt], cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device)
-    denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2)
+    denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
+                           autocast_dtype=autocast_dtype(cfg.mixed_precision))
     generator = torch.Generator("cpu").manual_seed(cfg.seed)
     noise = initial_noise(shape, generator=generator, device=device)
     cond, uncond = cache.get([cfg.prompt]), cache.get([cfg.negative_prompt])

@@ -31,6 +31,8 @@ class ScoreConfig(RewardConfig):
                                     "'prompt' fields.")
     output: str | None = opt(None, "CSV path for --videos (default: VIDEOS/scores.csv).")
     device: str = opt("auto", "Device of the reward model when --reward_device is unset: auto, cpu, cuda[:N].")
+    mixed_precision: str | None = opt(None, "VideoAlign in bf16 or fp32. Default: bf16 on CUDA, fp32 on CPU.",
+                                      choices=("bf16", "fp32"))
 
 
 def _pairs(cfg: ScoreConfig) -> list[tuple[Path, str]]:

@@ -21,6 +21,8 @@ class ServerConfig(RewardConfig):
                                  "WAN_GRPO_REWARD_TOKEN so it refuses requests without the token).")
     port: int = opt(8765, "Port to listen on (0: any free port, printed at start-up).", ge=0, le=65535)
     device: str = opt("auto", "Device of the reward model when --reward_device is unset: auto, cpu, cuda[:N].")
+    mixed_precision: str | None = opt(None, "VideoAlign in bf16 or fp32. Default: bf16 on CUDA, fp32 on CPU.",
+                                      choices=("bf16", "fp32"))
     max_request_mb: float = opt(256.0, "Largest request body accepted (413 above it, refused before it is read).",
                                 gt=0)
     max_decoded_mb: float = opt(2048.0, "Largest total size of a request's frames once decompressed, read from the "

@@ -185,7 +185,7 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
         # frozen experts run forward passes too (rollouts): shard every present expert
         for module in (components.transformer, components.transformer_2, *(references or {}).values()):
             if module is not None:
-                shard_expert(module, device_type=device.type)
+                shard_expert(module, bf16=cfg.mixed_precision == "bf16")
     params = {i: [p for p in e.parameters() if p.requires_grad] for i, e in experts.items()}
     for i, ps in params.items():
         if not ps:

@@ -53,6 +53,7 @@ from wan_grpo.models.vae import decode_latents
 from wan_grpo.plan import resolve_batch_sizes, train_estimate
 from wan_grpo.rewards import RewardSet, build_rewards
 from wan_grpo.runtime import (
+    autocast_dtype,
     describe_split,
     device_memory,
     encode_all,
@@ -315,7 +316,7 @@ def setup(cfg: TrainConfig) -> Run:
         log.info("Ulysses: each video's tokens split over %d ranks; %d data-parallel slots", cfg.ulysses_size,
                  info.dp_size)
     denoiser = MoEDenoiser(components, guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2,
-                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                           autocast_dtype=autocast_dtype(cfg.mixed_precision))
     if cfg.offload_model:
         denoiser.placement = ExpertPlacement((components.transformer, components.transformer_2), device=device,
                                              enabled=True)

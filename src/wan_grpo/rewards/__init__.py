@@ -17,7 +17,7 @@ from wan_grpo.errors import UserError
 from wan_grpo.rewards.base import Reward
 from wan_grpo.rewards.builtin import BUILTIN, FrameStatReward
 from wan_grpo.rewards.remote import RemoteReward, reward_token
-from wan_grpo.runtime import resolve_device
+from wan_grpo.runtime import resolve_device, resolve_precision
 from wan_grpo.tasks.shapes.verifier import ShapesReward
 
 NAMES = (*BUILTIN, "shapes", "videoalign")
@@ -150,6 +150,7 @@ def build_videoalign(cfg, *, device: torch.device | str):
                         "model_config.json and checkpoint-*/)")
 
     device = resolve_device(str(device), flag="--reward_device" if cfg.reward_device else "--device")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    precision = resolve_precision(getattr(cfg, "mixed_precision", None), device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     reward = load_videoreward(cfg.reward_model_path, base=cfg.videoalign_base, device=device, dtype=dtype)
     return VideoAlignReward(reward, raw=cfg.reward_raw, batch_size=cfg.reward_batch_size)

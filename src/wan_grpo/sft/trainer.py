@@ -40,7 +40,7 @@ from wan_grpo.grpo.update import clip_gradients, current_lrs, finish_step
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import encode_videos
-from wan_grpo.runtime import encode_all, load_model, place, resolve_config
+from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_config
 from wan_grpo.seeding import TRAIN_NOISE, sample_seed, seed_everything, stream
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.data import load_dataset
@@ -111,7 +111,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
         total = min(total, cfg.max_steps) if cfg.max_steps else total
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp, total_steps=total)
     denoiser = MoEDenoiser(components, guidance_scale=1.0,
-                           autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                           autocast_dtype=autocast_dtype(cfg.mixed_precision))
     if cfg.offload_model:
 
         denoiser.placement = ExpertPlacement((components.transformer, components.transformer_2), device=device,
