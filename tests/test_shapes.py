@@ -123,7 +123,7 @@ def test_reward_components_and_coefficients():
     prompts = ["a red circle moving left", "a green square above a blue triangle"]
     videos = [torch.from_numpy(render(parse(p), 0)) for p in prompts]
     out = reward(videos, prompts, fps=8)
-    assert set(out) == {"colour", "shape", "motion", "relation", "accuracy"}
+    assert set(out) == {"colour", "shape", "motion", "relation", "accuracy", "clean"}
     assert out["accuracy"].tolist() == [1.0, 1.0]
     assert out["motion"][0] == 1 and torch.isnan(out["motion"][1])  # motion does not apply to level 2
     assert torch.isnan(out["relation"][0]) and out["relation"][1] == 1
@@ -132,6 +132,20 @@ def test_reward_components_and_coefficients():
     assert reward([blank], prompts[:1], fps=8)["accuracy"].item() == 0
     with pytest.raises(UserError):
         reward(videos[:1], ["a cat walking in snow"], fps=8)
+
+
+def test_clean_is_one_on_renders_and_falls_with_stray_pixels():
+    """``clean`` (logged, never trained): the quality proxy for over-optimisation checks."""
+    rng = np.random.default_rng(0)
+    for level in (1, 2):
+        for i, scene in enumerate(_sample_scenes(level, 12, seed=5 + level)):
+            video = render(scene, i)
+            assert score_video(video, scene)["clean"] == 1.0
+            speckled = video.copy()
+            ys, xs = rng.integers(0, SIZE, 200), rng.integers(0, SIZE, 200)
+            speckled[:, ys, xs] = (200, 120, 90)  # stray off-palette pixels everywhere
+            dirty = score_video(speckled, scene)
+            assert 0.85 < dirty["clean"] < 0.97, dirty["clean"]  # ~200 of ~3700 background pixels
 
 
 @pytest.mark.slow

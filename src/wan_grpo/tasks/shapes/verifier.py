@@ -14,6 +14,9 @@ farther than ``MAX_DISTANCE`` from all of them. Per frame and per colour the obj
   axis, and farther apart along it than across it;
 - ``accuracy``: 1 when every attribute holds: colour, shape (and relation) together in at least
   half the frames, and motion for level 1. The trained component by default.
+- ``clean`` (logged, weight 0: a quality proxy the trained reward does not see, for spotting
+  over-optimisation): the fraction of pixels away from the prompt's objects (outside their
+  bounding boxes grown by ``CLEAN_MARGIN`` px) that are background grey. 1 on the renderer's videos.
 
 A component that does not apply to the prompt's level (motion for level 2, relation for level 1)
 is NaN: it is logged as a mean over the prompts it applies to and never enters the advantages.
@@ -38,7 +41,8 @@ MIN_SEPARATION = 4.0  # px along the relation's axis; the renderer places centre
 # bounding-box fill above which a blob is a square / a circle: renders fill 1.0 / 0.78-0.81 / 0.5-0.55,
 # the Shapes VAE's reconstructions 0.90-1.0 / 0.78-0.86 / 0.50-0.58 (5th-95th percentiles)
 SQUARE_FILL, CIRCLE_FILL = 0.88, 0.68
-COMPONENTS = ("colour", "shape", "motion", "relation", "accuracy")
+CLEAN_MARGIN = 2  # px around an object's bounding box where blurred edges are not counted against ``clean``
+COMPONENTS = ("colour", "shape", "motion", "relation", "accuracy", "clean")
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,7 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
     """Every component of one (F, H, W, 3) uint8 video for one parsed prompt."""
     labels = label_pixels(video)
     wanted = {COLOUR_INDEX[o.colour] for o in scene.objects}
-    colour, shape, relation, together = [], [], [], []
+    colour, shape, relation, together, clean = [], [], [], [], []
     track = []
     for frame in labels:
         present = {c for c in range(1, len(PALETTE)) if (frame == c).sum() >= MIN_AREA}
@@ -128,13 +132,25 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
         shape.append(shape_ok)
         relation.append(rel_ok)
         together.append(colour_ok and shape_ok and rel_ok)
+        clean.append(_clean_fraction(frame, blobs))
         if blobs[0] is not None:
             track.append(blobs[0])
     motion = float(_motion_holds(scene.direction, track)) if scene.level == 1 else float("nan")
     accurate = float(np.mean(together)) >= 0.5 and (scene.level == 2 or motion == 1.0)
     return {"colour": float(np.mean(colour)), "shape": float(np.mean(shape)), "motion": motion,
             "relation": float(np.mean(relation)) if scene.level == 2 else float("nan"),
-            "accuracy": float(accurate)}
+            "accuracy": float(accurate), "clean": float(np.mean(clean))}
+
+
+def _clean_fraction(labels: np.ndarray, blobs: list[Blob | None]) -> float:
+    """Of a frame's pixels outside the found objects' grown bounding boxes, the fraction labelled background."""
+    away = np.ones(labels.shape, dtype=bool)
+    h, w = labels.shape
+    for b in blobs:
+        if b is not None:
+            away[max(0, b.top - CLEAN_MARGIN):min(h, b.bottom + CLEAN_MARGIN + 1),
+                 max(0, b.left - CLEAN_MARGIN):min(w, b.right + CLEAN_MARGIN + 1)] = False
+    return float((labels[away] == 0).mean()) if away.any() else 1.0
 
 
 class ShapesReward:
@@ -142,7 +158,7 @@ class ShapesReward:
 
     name = "shapes"
     components = COMPONENTS
-    coefs = {"accuracy": 1.0, "colour": 0.0, "shape": 0.0, "motion": 0.0, "relation": 0.0}
+    coefs = {"accuracy": 1.0, "colour": 0.0, "shape": 0.0, "motion": 0.0, "relation": 0.0, "clean": 0.0}
 
     def __call__(self, videos: list[torch.Tensor], prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         scenes = [parse(p) for p in prompts]
