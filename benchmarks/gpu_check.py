@@ -93,6 +93,8 @@ def main():
     width, height = (int(x) for x in args.size.split("*"))
     c = build_tiny_components(0)  # its VAE gives the latent geometry; its text encoder is not used
     c.transformer, c.transformer_2 = experts(dims, args.blocks, device, dtype)
+    c.text_encoder.to(device)
+    c.vae.to(device)
     shape = latent_shape(c, width=width, height=height, frame_num=args.frame_num)
     seq = shape[2] * (shape[3] // 2) * (shape[4] // 2)
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 from wan_grpo.cli import main
 from wan_grpo.grpo.loss import guard_step_weight, ppo_clip_loss, ratio_norm_log_ratio
 from wan_grpo.grpo.metrics import read_metrics
-from wan_grpo.sampling.sde import gaussian_log_prob
+from wan_grpo.sampling.sde import gaussian_log_prob, sde_mean_std
 
 
 def _transition(seed, std, shape=(3, 2, 2, 3, 3)):
@@ -81,15 +81,29 @@ def test_ratio_norm_gradient_on_policy_is_the_plain_one_times_the_std():
     assert torch.allclose(grads[1], grads[0] * std, rtol=1e-12, atol=0)
 
 
-def test_step_weights():
-    sigma, sigma_next = torch.tensor([1.0, 0.6, 0.3]), torch.tensor([0.6, 0.3, 0.0])
+def test_step_weights_are_the_papers_for_flow_and_even_out_every_kind():
+    sigma, sigma_next = torch.tensor([0.9, 0.6, 0.3]), torch.tensor([0.6, 0.3, 0.0])
     flow = guard_step_weight(sigma, sigma_next, kind="flow", noise_level=0.7)
-    assert flow.tolist() == pytest.approx([1 / 0.4, 1 / 0.3, 1 / 0.3])
+    dt = torch.tensor([0.3, 0.3, 0.3])
+    assert torch.allclose(flow, 1 / ((1 + 0.49 / 2) * dt), rtol=1e-5)  # the paper's 1/|dt| times a constant
     dance = guard_step_weight(sigma, sigma_next, kind="dance", noise_level=0.5)
-    beta = [1 + 0.25 * (1 - s) / (2 * s) for s in (1.0, 0.6, 0.3)]
-    assert dance.tolist() == pytest.approx([b / d for b, d in zip(beta, (0.4, 0.3, 0.3))])
-    with pytest.raises(ValueError, match="flow and dance"):
-        guard_step_weight(sigma, sigma_next, kind="cps", noise_level=0.5)
+    beta = torch.tensor([1 + 0.25 * (1 - s) / (2 * s) for s in (0.9, 0.6, 0.3)])
+    assert torch.allclose(dance, 1 / (beta * dt), rtol=1e-5)
+    # the point of the weights: w_t |d mean / d v| is the same at every step, for every kind
+    u = torch.linspace(1, 0, 11)
+    sig = 3 * u / (1 + 2 * u)  # a shift-3 schedule: uneven steps
+    for kind, a in (("flow", 0.7), ("dance", 0.3), ("cps", 0.5)):
+        w = guard_step_weight(sig[:-1], sig[1:], kind=kind, noise_level=a, sigma_max=float(sig[1]))
+        scales = []
+        for i in range(10):
+            v = torch.zeros(1, 2, dtype=torch.float64, requires_grad=True)
+            x = torch.randn(1, 2, dtype=torch.float64)
+            mean, _ = sde_mean_std(v, x, sig[i].double().view(1, 1), sig[i + 1].double().view(1, 1), kind=kind,
+                                   noise_level=a, sigma_max=float(sig[1]))
+            (grad,) = torch.autograd.grad(mean.sum(), v)
+            scales.append(float(w[i]) * grad.abs().mean().item())
+        assert max(scales) == pytest.approx(min(scales), rel=1e-5), (kind, scales)
+        assert float(w.max() / w.min()) > 1.5  # unweighted, the steps' scales differ
 
 
 RUN = ["--task", "tiny", "--num_generations", "4", "--tensorboard", "false", "--log_interval", "0", "--max_steps", "2",
@@ -117,7 +131,7 @@ def test_guard_off_is_bitwise_the_plain_grpo_run_and_on_centres_the_ratio(tmp_pa
 
 @pytest.mark.parametrize("args,needle", [
     (["--algorithm", "nft", "--ratio_norm", "true"], "--algorithm grpo"),
-    (["--sde_type", "cps", "--reweight_steps", "true"], "flow and dance only"),
+    (["--reweight_steps", "true"], "add --ratio_norm true"),
 ])
 def test_guard_option_errors(tmp_path, capsys, args, needle):
     assert main(["train", *RUN, "--save_dir", str(tmp_path / "x"), *args]) == 2

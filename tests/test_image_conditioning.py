@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -197,3 +197,29 @@ def test_ti2v_text_only_matches_wan_pipeline(ti2v):
                       config=SamplerConfig(solver="euler", steps=STEPS, shift=SHIFT), record=False)
     assert ours.shape == theirs.shape == (1, 48, 2, 4, 4)
     assert rel_err(ours, theirs) <= 1e-4
+
+
+def test_batched_eval_of_image_prompts(tmp_path, ti2v):
+    """TI2V-5B image prompts sampled several per call (each row its own image condition): every
+    (prompt, seed) once, in order, with the scores of one-at-a-time eval."""
+    import json
+
+    ckpt = tmp_path / "ti2v"
+    WanPipeline(tokenizer=ti2v.tokenizer, text_encoder=ti2v.text_encoder, vae=ti2v.vae,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), transformer=ti2v.transformer,
+                expand_timesteps=True).save_pretrained(str(ckpt))
+    for k in range(2):
+        _image(seed=k).save(tmp_path / f"img{k}.png")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a fox", "image": "img0.png"}\n{"prompt": "a boat", "image": "img1.png"}\n'
+                       '{"prompt": "a cat", "image": "img0.png"}\n')
+    rows = {}
+    for b in (1, 4):
+        out = tmp_path / f"eval{b}"
+        assert main(["eval", "--ckpt_dir", str(ckpt), "--prompts", str(prompts), "--size", f"{W}*{H}", "--frame_num",
+                     "5", "--sampling_steps", "4", "--num_samples", "2", "--batch_size", str(b), "--reward",
+                     "brightness", "--save_dir", str(out)]) == 0
+        rows[b] = json.loads((out / "eval.json").read_text())["videos"]
+    assert [(r["prompt_index"], r["seed"]) for r in rows[4]] == [(i, 1000 * i + k) for i in range(3) for k in range(2)]
+    for one, batched in zip(rows[1], rows[4]):
+        assert batched["brightness"] == pytest.approx(one["brightness"], abs=1e-4)

@@ -77,3 +77,13 @@ def test_a_compiled_lora_train_step_matches_the_eager_one(tmp_path):
         rows[name] = read_metrics(tmp_path / name)[0]
     for key in ("loss", "grad_norm_high", "grad_norm_low", "reward_mean"):
         assert rows["compiled"][key] == pytest.approx(rows["eager"][key], rel=1e-3, abs=1e-6), key
+
+
+def test_ulysses_needs_a_context_parallel_backend():
+    from wan_grpo.errors import UserError
+    from wan_grpo.models.kernels import check_context_parallel
+
+    with pytest.raises(UserError, match="does not support --ulysses_size"):
+        check_context_parallel("_native_math", 2)
+    check_context_parallel("native", 2)
+    check_context_parallel("_native_math", 1)

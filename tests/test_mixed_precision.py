@@ -14,11 +14,12 @@ SMALL = dict(task="tiny", num_generations=4, sampling_steps=4, tensorboard=False
              mixed_precision="bf16")
 
 
-def _linear_input_dtypes(expert) -> list[torch.dtype]:
-    """Hooks the first block's first Linear: the dtype its input arrives in (bf16 under autocast)."""
+def _autocast_seen(expert) -> list[tuple[bool, torch.dtype]]:
+    """Hooks the first block's first Linear: whether bf16 autocast is on while it runs, and its output dtype."""
     seen = []
     linear = next(m for m in expert.blocks[0].modules() if isinstance(m, torch.nn.Linear))
-    linear.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    linear.register_forward_hook(lambda mod, args, out: seen.append(
+        (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16, out.dtype)))
     return seen
 
 
@@ -29,10 +30,10 @@ def test_bf16_training_keeps_the_stated_dtypes(tmp_path, lora_rank, checkpointin
     run = setup(TrainConfig(**SMALL, lora_rank=lora_rank, train_experts=train_experts,
                             gradient_checkpointing=checkpointing, save_dir=str(tmp_path / "run")))
     assert run.cfg.mixed_precision == "bf16" and run.denoiser.autocast_dtype == torch.bfloat16
-    outputs = {e: _linear_input_dtypes(run.components.expert(e)) for e in Expert}
+    outputs = {e: _autocast_seen(run.components.expert(e)) for e in Expert}
     rows = grpo_rollout_step(run, 0)
     assert rows and all(row["skipped_updates"] == 0 for row in rows if "skipped_updates" in row)
-    assert all(seen and set(seen) == {torch.bfloat16} for seen in outputs.values())  # autocast forward
+    assert all(seen and set(seen) == {(True, torch.bfloat16)} for seen in outputs.values())  # autocast forwards
     trained = {id(p) for ps in run.policy.params.values() for p in ps}
     for e in Expert:
         model = run.components.expert(e)

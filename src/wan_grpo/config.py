@@ -70,10 +70,10 @@ def check_ranges(config) -> None:
 TASKS = ("tiny", "shapes", "t2v-A14B", "i2v-A14B", "ti2v-5B")
 
 
-PRECISION_HELP = ("bf16: frozen weights bf16 (diffusers' _keep_in_fp32_modules stay fp32), forward passes under "
-                  "bf16 autocast, trained weights, optimizer state, SDE arithmetic and log-probs fp32, FSDP2 gathering "
-                  "bf16 and reducing fp32, VideoAlign in bf16; fp32: everything fp32. On any device. Default: bf16 on "
-                  "CUDA, fp32 on CPU.")
+PRECISION_HELP = ("bf16: frozen weights bf16 (diffusers' _keep_in_fp32_modules stay fp32, but FSDP2 gathers a "
+                  "block's parameters in bf16), forward passes under bf16 autocast, trained weights, optimizer state, "
+                  "SDE arithmetic and log-probs fp32, FSDP2 reducing gradients in fp32, VideoAlign in bf16; fp32: "
+                  "everything fp32. On any device. Default: bf16 on CUDA, fp32 on CPU.")
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -78,11 +79,12 @@ def generate_and_score(components, denoiser, cache, rewards, prompts: list[str],
     uncond = cache.get([cfg.negative_prompt])
     has_image = [bool(images) and images[i] is not None for i in range(len(prompts))]
     jobs = [(i, k, cfg.seed + 1000 * i + k) for i in range(len(prompts)) for k in range(num_samples)]
+    batch_size = max(1, min(batch_size, len(jobs)))
     rows = []
     start = 0
     while start < len(jobs):
-        chunk = jobs[start:start + batch_size]
-        chunk = [j for j in chunk if has_image[j[0]] == has_image[chunk[0][0]]]  # stop where image use changes
+        first = has_image[jobs[start][0]]
+        chunk = list(itertools.takewhile(lambda j, f=first: has_image[j[0]] == f, jobs[start:start + batch_size]))
         start += len(chunk)
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         noise = torch.cat([initial_noise(shape, generator=torch.Generator("cpu").manual_seed(seed), device=device)

@@ -3,20 +3,24 @@
 Parameter counts are exact: the official expert architecture is built on the ``meta`` device
 with diffusers' own class (and peft's LoRA layers), so no weights are read or allocated.
 
-Terms per process (bytes; N = processes sharding with --dit_fsdp, else 1):
-- frozen weights: 2 per parameter (bf16) of every expert not fully fine-tuned, / N
+Terms per process (bytes; N = processes sharding with --dit_fsdp, else 1; b = 2 under
+--mixed_precision bf16, the default for accelerators, 4 under fp32):
+- frozen weights: b per parameter of every expert not fully fine-tuned, / N (--offload_model: one expert)
 - trained weights (full fine-tuning): 4 (fp32 master) + 4 (fp32 gradient) per parameter, / N
 - optimizer (AdamW): 8 per trainable parameter (fp32 first and second moments), / N
 - LoRA: 4 (fp32 weight) + 4 (gradient) + 8 (AdamW) per adapter parameter, / N
 - --algorithm nft: 4 per trainable parameter (the old policy's fp32 copy), / N
-- trajectory (GRPO): every local sample's T+1 latents in fp32 (0 with --trajectory_on_cpu)
+- --kl_coef with full fine-tuning: b per trained parameter (the frozen reference copy), / N
+- trajectory (GRPO): every local sample's T+1 latents in fp32, and with --ratio_norm its T step
+  means (0 with --trajectory_on_cpu); under --ulysses_size K a rank holds K times the samples
 - phases, of which only the largest is live at once (estimates, not exact):
   - activations (update): with gradient checkpointing, one block's input kept per block plus one
-    block's working set, for the 2x batch of CFG, bf16;
+    block's working set (without it: every block's working set), for the 2x batch of CFG, b bytes;
   - rollout activations: one block's working set and the hidden states for --rollout_batch_size
     samples (0: all of the process's samples) times 2 for CFG, bf16, no gradients;
-  - VAE decode: --decode_batch_size videos, each holding 3 bf16 tensors of the decoder's widest
-    full-resolution activation for 4 frames at a time (its causal chunk).
+  - VAE decode: --decode_batch_size videos, each holding 3 fp32 tensors (the VAE runs in fp32) of
+    the decoder's widest full-resolution activation for 4 frames at a time (its causal chunk).
+Not counted: the reward model (VideoAlign) when it shares the device, and the CUDA context.
 
 ``auto_batch_sizes`` picks, for a device's memory, the largest micro-batches whose peak fits.
 """
@@ -30,7 +34,7 @@ import torch
 
 from wan_grpo.config import ModelConfig, check_ranges, opt, parse_size
 from wan_grpo.errors import UserError
-from wan_grpo.grpo.policy import lora_targets, train_expert_indices
+from wan_grpo.grpo.policy import lora_targets, train_expert_indices, use_gradient_checkpointing
 from wan_grpo.models.loading import checkpoint_info
 from wan_grpo.specs import ARCHITECTURES, PRESETS, Expert
 
@@ -51,6 +55,11 @@ class PlanConfig(ModelConfig):
     rollout_batch_size: int = opt(0, "Samples per model call in rollouts (0: all of a process's samples).", ge=0)
     decode_batch_size: int | None = opt(None, "Videos per VAE decode call. Default: the preset's.", ge=1)
     trajectory_on_cpu: bool = opt(False, "Stored trajectories in CPU memory (not counted).")
+    offload_model: bool = opt(False, "Only the active expert on the accelerator (train --offload_model).")
+    gradient_checkpointing: bool = opt(True, "Activations recomputed in backward (train's default for real models).")
+    ratio_norm: bool = opt(False, "GRPO-Guard's RatioNorm: the trajectory also keeps each step's mean.")
+    kl_coef: float = opt(0.0, "With full fine-tuning a frozen reference copy of the trained experts is kept.", ge=0)
+    ulysses_size: int = opt(1, "Ulysses sequence parallelism: ranks sharing each video's tokens.", ge=1)
     device_memory_gib: float | None = opt(None, "Also pick the largest --train_batch_size, --rollout_batch_size and "
                                                 "--decode_batch_size whose peak fits this much memory per process "
                                                 "(90% of it), as train does on an accelerator.", gt=0)
@@ -119,13 +128,17 @@ def estimate(cfg: PlanConfig) -> dict:
     per_expert, lora = count_parameters(config, lora_rank=cfg.lora_rank, targets=targets)
     n = cfg.nproc
     full = cfg.lora_rank == 0
+    b = 4 if cfg.mixed_precision == "fp32" else 2
     frozen_experts = n_experts - (n_trained if full else 0)
+    if cfg.offload_model:  # one expert (and what trains of it) on the device at a time
+        frozen_experts, n_trained = min(frozen_experts, 0 if full else 1), 1
     terms = {
-        "frozen_weights": frozen_experts * per_expert * 2 / n,
+        "frozen_weights": frozen_experts * per_expert * b / n,
         "trained_weights_and_grads": (n_trained * per_expert * (4 + 4) / n) if full else 0.0,
         "optimizer": n_trained * (per_expert if full else lora) * 8 / n,
         "lora_weights_and_grads": 0.0 if full else n_trained * lora * (4 + 4) / n,
         "nft_old_policy": n_trained * (per_expert if full else lora) * 4 / n if cfg.algorithm == "nft" else 0.0,
+        "kl_reference": n_trained * per_expert * b / n if full and cfg.kl_coef > 0 else 0.0,
     }
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     latent_frames = (frames - 1) // ts + 1
@@ -134,10 +147,11 @@ def estimate(cfg: PlanConfig) -> dict:
                   latent=config["out_channels"] * latent_frames * (height // hs) * (width // ws),
                   steps=preset.sampling_steps if cfg.sampling_steps is None else cfg.sampling_steps,
                   decode=(ARCHITECTURES[task].vae_decode_features if task in ARCHITECTURES else (32, 1)),
-                  frames=frames, pixels=width * height)
-    samples = max(1, cfg.batch_size * cfg.num_generations // n)  # this process's share of a rollout
+                  frames=frames, pixels=width * height, bytes=b, checkpointing=cfg.gradient_checkpointing)
+    samples = max(1, cfg.batch_size * cfg.num_generations * cfg.ulysses_size // n)  # this process's samples
+    kept = shape.steps + 1 + (shape.steps if cfg.ratio_norm else 0)
     terms["trajectory"] = 0.0 if cfg.trajectory_on_cpu or cfg.algorithm == "nft" else \
-        samples * (shape.steps + 1) * shape.latent * 4
+        samples * kept * shape.latent * 4
     terms["activations_estimate"] = train_activations(shape, cfg.train_batch_size)
     terms["rollout_activations_estimate"] = rollout_activations(shape, cfg.rollout_batch_size or samples)
     decode = cfg.decode_batch_size or preset.decode_batch_size
@@ -164,27 +178,32 @@ class Shape:
     decode: tuple[int, int]  # the VAE decoder's widest full-resolution activation: channels, pixels per pixel
     frames: int
     pixels: int
+    bytes: int = 2  # per activation element: 2 under bf16, 4 under fp32
+    checkpointing: bool = True
 
 
 STATIC = ("frozen_weights", "trained_weights_and_grads", "optimizer", "lora_weights_and_grads", "nft_old_policy",
-          "trajectory")
+          "kl_reference", "trajectory")
 PHASES = ("activations_estimate", "rollout_activations_estimate", "vae_decode_estimate")
 MARGIN = 0.9  # auto batch sizes leave 10% of the device for the allocator's fragmentation and CUDA context
 
 
 def train_activations(s: Shape, batch: int) -> float:
     tokens = 2 * batch * s.seq  # CFG doubles the batch
-    return s.layers * tokens * s.dim * 2 + tokens * (12 * s.dim + 2 * s.ffn) * 2
+    working = tokens * (12 * s.dim + 2 * s.ffn) * s.bytes
+    if not s.checkpointing:
+        return s.layers * working
+    return s.layers * tokens * s.dim * s.bytes + working
 
 
 def rollout_activations(s: Shape, batch: int) -> float:
     tokens = 2 * batch * s.seq
-    return 2 * tokens * s.dim * 2 + tokens * (12 * s.dim + 2 * s.ffn) * 2
+    return 2 * tokens * s.dim * s.bytes + tokens * (12 * s.dim + 2 * s.ffn) * s.bytes
 
 
 def vae_decode(s: Shape, batch: int) -> float:
     channels, per_pixel = s.decode
-    return batch * 3 * channels * min(4, s.frames) * s.pixels / per_pixel * 2
+    return batch * 3 * channels * min(4, s.frames) * s.pixels / per_pixel * 4  # the VAE runs in fp32
 
 
 def peak(terms: dict) -> float:
@@ -192,18 +211,23 @@ def peak(terms: dict) -> float:
     return sum(terms[k] for k in STATIC if k in terms) + max(terms.get(k, 0.0) for k in PHASES)
 
 
-def auto_batch_sizes(est: dict, memory: float) -> dict:
-    """The largest train, rollout and decode micro-batches (each phase alone, since they never overlap)
-    whose peak stays within MARGIN of ``memory`` bytes per process; a one-line error when not even
-    batches of 1 fit."""
+PHASE_OF = {"train_batch_size": train_activations, "rollout_batch_size": rollout_activations,
+            "decode_batch_size": vae_decode}
+
+
+def auto_batch_sizes(est: dict, memory: float, keys=tuple(PHASE_OF)) -> dict:
+    """The largest micro-batches named in ``keys`` (each phase alone, since they never overlap) whose
+    peak stays within MARGIN of ``memory`` bytes per process; a one-line error when not even batches
+    of 1 fit."""
     s, terms = est["shape"], est["bytes"]
     budget = MARGIN * memory - sum(terms[k] for k in STATIC)
-    need = {"train": train_activations(s, 1), "rollout": rollout_activations(s, 1), "decode": vae_decode(s, 1)}
+    need = {k: PHASE_OF[k](s, 1) for k in keys}
     if budget < max(need.values()):
         held = sum(terms[k] for k in STATIC)
         fixes = ["LoRA (--lora_rank 32)"] if est["lora_rank"] == 0 else []
         fixes += ["--trajectory_on_cpu"] if terms["trajectory"] > 0 else []
-        fixes += ["more processes with --dit_fsdp", "a smaller --size or --frame_num"]
+        fixes += ["more processes with --dit_fsdp", "a smaller --size or --frame_num",
+                  f"set {' '.join('--' + k for k in keys)} yourself"]
         raise UserError(f"nothing fits in {memory / GIB:.0f} GiB per process: the weights, optimizer and trajectory "
                         f"take {held / GIB:.1f} GiB and a batch of 1 needs {max(need.values()) / GIB:.1f} GiB more; "
                         f"use {', '.join(fixes[:-1])} or {fixes[-1]}")
@@ -214,9 +238,9 @@ def auto_batch_sizes(est: dict, memory: float) -> dict:
             n += 1
         return n
 
-    return {"train_batch_size": largest(lambda b: train_activations(s, b), 1024),
-            "rollout_batch_size": largest(lambda b: rollout_activations(s, b), est["samples_per_process"]),
-            "decode_batch_size": largest(lambda b: vae_decode(s, b), est["samples_per_process"])}
+    limits = {"train_batch_size": 1024, "rollout_batch_size": est["samples_per_process"],
+              "decode_batch_size": est["samples_per_process"]}
+    return {k: largest(lambda b, phase=PHASE_OF[k]: phase(s, b), limits[k]) for k in keys}
 
 
 def describe(est: dict) -> list[str]:
@@ -232,17 +256,17 @@ def describe(est: dict) -> list[str]:
     return lines
 
 
-def train_plan(cfg, *, nproc: int, device_memory: float | None = None) -> dict:
-    """The plan of a resolved TrainConfig (unset batch sizes at their CPU defaults); with
-    ``device_memory`` (bytes per process) also the largest batch sizes that fit (``est["auto"]``)."""
+def train_plan(cfg, *, nproc: int) -> dict:
+    """The plan of a resolved TrainConfig (unset batch sizes at their CPU defaults)."""
     return estimate(PlanConfig(
         task=cfg.task, ckpt_dir=cfg.ckpt_dir, size=cfg.size, frame_num=cfg.frame_num,
         sampling_steps=cfg.sampling_steps, lora_rank=cfg.lora_rank, lora_target_modules=cfg.lora_target_modules,
         train_experts=cfg.train_experts, nproc=nproc, train_batch_size=cfg.train_batch_size or CPU_TRAIN_BATCH,
         algorithm=cfg.algorithm, batch_size=cfg.batch_size, num_generations=cfg.num_generations,
         rollout_batch_size=cfg.rollout_batch_size or 0, decode_batch_size=cfg.decode_batch_size,
-        trajectory_on_cpu=cfg.trajectory_on_cpu,
-        device_memory_gib=None if device_memory is None else device_memory / GIB))
+        trajectory_on_cpu=cfg.trajectory_on_cpu, mixed_precision=cfg.mixed_precision, offload_model=cfg.offload_model,
+        gradient_checkpointing=use_gradient_checkpointing(cfg), ratio_norm=cfg.ratio_norm, kl_coef=cfg.kl_coef,
+        ulysses_size=cfg.ulysses_size))
 
 
 def train_estimate(cfg, *, nproc: int) -> list[str]:
@@ -266,7 +290,7 @@ def resolve_batch_sizes(cfg, *, nproc: int, device_memory: float | None):
         chosen = {"train_batch_size": CPU_TRAIN_BATCH, "rollout_batch_size": 0,
                   "decode_batch_size": PRESETS[cfg.task].decode_batch_size}
     else:
-        chosen = train_plan(cfg, nproc=nproc, device_memory=device_memory)["auto"]
+        chosen = auto_batch_sizes(train_plan(cfg, nproc=nproc), device_memory, keys=tuple(sorted(unset)))
     chosen = {k: v for k, v in chosen.items() if k in unset}
     return dataclasses.replace(cfg, **chosen), chosen
 

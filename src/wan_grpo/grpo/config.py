@@ -97,8 +97,9 @@ class TrainConfig(RewardConfig, PolicyConfig):
     ratio_norm: bool = opt(False, "grpo: GRPO-Guard's RatioNorm: the log-ratio times the step's std plus the "
                                   "mean-shift term, so it centres on 0 at every noise level; use a far smaller "
                                   "--clip_range (the paper: 2e-6). Stores each step's mean; docs/math.md.")
-    reweight_steps: bool = opt(False, "grpo: GRPO-Guard's per-step loss weight 1/abs(dt) (flow) or "
-                                      "beta_t/abs(dt) (dance), which evens out the steps' gradients (RatioNorm).")
+    reweight_steps: bool = opt(False, "grpo, with --ratio_norm: GRPO-Guard's per-step loss weight, 1 over the "
+                                      "step's d mean/d v (1/abs(dt) for flow), normalised to mean 1, so every step's "
+                                      "gradient has the same scale.")
     optimizer_steps_per_rollout: int = opt(1, "Optimizer steps per rollout (1: the rollout is one step).", ge=1)
     nft_beta: float = opt(1.0, "nft: strength b of the implicit positive/negative policies v+- (DiffusionNFT's "
                                "beta).", gt=0)
@@ -137,9 +138,9 @@ class TrainConfig(RewardConfig, PolicyConfig):
             raise UserError("--offload_model is not supported with --algorithm nft yet; drop it or use --dit_fsdp")
         if self.algorithm != "grpo" and (self.ratio_norm or self.reweight_steps):
             raise UserError("--ratio_norm and --reweight_steps are GRPO-Guard options for --algorithm grpo; drop them")
-        if self.reweight_steps and self.sde_type not in ("flow", "dance"):
-            raise UserError(f"--reweight_steps has step weights for --sde_type flow and dance only (GRPO-Guard "
-                            f"defines none for {self.sde_type}); use one of those or drop it")
+        if self.reweight_steps and not self.ratio_norm:
+            raise UserError("--reweight_steps evens out the steps' gradients under RatioNorm; add --ratio_norm true "
+                            "or drop it")
         if self.noise_level == 0 and self.rollout_solver == "sde" and self.algorithm == "grpo":
             raise UserError("--noise_level 0 makes every step deterministic, so nothing can be trained; use e.g. "
                             "0.7 (flow) or 0.3 (dance)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from wan_grpo.sampling.sde import sde_mean_std
+
 
 def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                   clip_range: float, *, log_ratio: torch.Tensor | None = None
@@ -60,13 +62,19 @@ def ratio_norm_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mea
     return s * (log_prob - old_log_prob) + mse / (2 * s)
 
 
-def guard_step_weight(sigma: torch.Tensor, sigma_next: torch.Tensor, *, kind: str, noise_level: float) -> torch.Tensor:
-    """GRPO-Guard's per-step loss weight (Eq. 12): 1 / |dt| for flow; beta_t / |dt| for dance with
-    beta_t = 1 + a^2 (1 - t) / (2 t). With RatioNorm a step's policy gradient scales with dt, so
-    without it steps at large dt dominate. The paper defines no weight for cps."""
-    dt = (sigma - sigma_next).abs()
-    if kind == "flow":
-        return 1.0 / dt
-    if kind == "dance":
-        return (1 + noise_level**2 * (1 - sigma) / (2 * sigma)) / dt
-    raise ValueError(f"GRPO-Guard defines step weights for the flow and dance SDEs, not {kind!r}")
+def guard_step_weight(sigma: torch.Tensor, sigma_next: torch.Tensor, *, kind: str, noise_level: float,
+                      sigma_max: float | None = None) -> torch.Tensor:
+    """GRPO-Guard's per-step loss weight (Eq. 12): 1 / |d mean / d v| of each step (T,), unnormalised.
+
+    Under RatioNorm a step's policy gradient is mean(xi d mean/d v dv), so its scale is the step's
+    |d mean / d v|: dt (1 + a^2 / 2) for flow (so the weight is the paper's 1/|dt| up to a constant),
+    dt beta_t with beta_t = 1 + a^2 (1 - t) / (2 t) for dance, and the rotation's velocity coefficient
+    for cps. Dividing by it gives every step the same gradient scale, as the paper intends. The mean
+    is affine in v, so the coefficient is mean(v = 1) - mean(v = 0).
+    """
+    s, s_next = sigma.reshape(-1, 1).double(), sigma_next.reshape(-1, 1).double()
+    zero = torch.zeros_like(s)
+    with_v, _ = sde_mean_std(torch.ones_like(s), zero, s, s_next, kind=kind, noise_level=noise_level,
+                             sigma_max=sigma_max)
+    without, _ = sde_mean_std(zero, zero, s, s_next, kind=kind, noise_level=noise_level, sigma_max=sigma_max)
+    return (1.0 / (with_v - without).abs()).flatten().to(sigma.dtype)

@@ -15,6 +15,7 @@ from diffusers.training_utils import cast_training_params
 from wan_grpo.distributed.parallelize import shard_expert
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.init_lora import copy_into_adapter, fuse_into, init_lora_paths
+from wan_grpo.runtime import resolve_precision
 from wan_grpo.seeding import lora_init_seed, seeded_global_rng
 from wan_grpo.specs import EXPERT_LABELS, Expert
 
@@ -172,7 +173,7 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
                 copy_into_adapter(expert, init[idx], rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         else:
             expert.requires_grad_(True)
-        # Master weights of what trains are fp32; forward runs under bf16 autocast on CUDA.
+        # Master weights of what trains are fp32; forwards run under bf16 autocast with --mixed_precision bf16.
         cast_training_params(expert, torch.float32)
         if not lora and reference:
             # copied after the cast, so the reference predicts exactly what the policy does at step 0
@@ -185,7 +186,7 @@ def build_policy(components, cfg, *, device: torch.device, fsdp: bool = False, r
         # frozen experts run forward passes too (rollouts): shard every present expert
         for module in (components.transformer, components.transformer_2, *(references or {}).values()):
             if module is not None:
-                shard_expert(module, bf16=cfg.mixed_precision == "bf16")
+                shard_expert(module, bf16=resolve_precision(cfg.mixed_precision, device) == "bf16")
     params = {i: [p for p in e.parameters() if p.requires_grad] for i, e in experts.items()}
     for i, ps in params.items():
         if not ps:

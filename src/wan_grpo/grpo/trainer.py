@@ -28,7 +28,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from wan_grpo.config import parse_size
-from wan_grpo.distributed import DistInfo, cleanup, context_parallel, gather_samples, init_distributed
+from wan_grpo.distributed import (
+    DistInfo,
+    all_reduce_min,
+    cleanup,
+    context_parallel,
+    gather_samples,
+    init_distributed,
+)
 from wan_grpo.errors import UserError
 from wan_grpo.evaluate import generate_and_score, summarize
 from wan_grpo.grpo.advantages import best_of_n, group_advantages
@@ -48,6 +55,7 @@ from wan_grpo.grpo.policy import Policy, build_policy
 from wan_grpo.grpo.preemption import Preempted, StopRequests
 from wan_grpo.grpo.update import UpdateStats
 from wan_grpo.models.denoiser import MoEDenoiser
+from wan_grpo.models.kernels import check_context_parallel
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.plan import resolve_batch_sizes, train_estimate
@@ -268,6 +276,7 @@ def setup(cfg: TrainConfig) -> Run:
     device = resolve_device(cfg.device)
     context_parallel.check_device(cfg.ulysses_size, world_size=int(os.environ.get("WORLD_SIZE", 1)),
                                   device_type=device.type)
+    check_context_parallel(cfg.attention_backend, cfg.ulysses_size)
     info = init_distributed(device_type=device.type, need_group=cfg.dit_fsdp, cp_size=cfg.ulysses_size)
     if info.world_size > 1 and not cfg.dit_fsdp:
         raise UserError(f"{info.world_size} processes need --dit_fsdp (gradients are synchronised by FSDP2)")
@@ -281,6 +290,8 @@ def setup(cfg: TrainConfig) -> Run:
                         "processes; make it a multiple of the process count")
     components, cfg, device, dtype = load_model(cfg)
     memory = device_memory(device) if cfg.task != "tiny" else None  # tiny: no architecture to estimate
+    if memory is not None and info.world_size > 1:  # every rank must choose the same sizes (FSDP collectives)
+        memory = float(all_reduce_min(torch.tensor([memory], dtype=torch.float64, device=device))[0])
     cfg, chosen = resolve_batch_sizes(cfg, nproc=info.world_size if cfg.dit_fsdp else 1, device_memory=memory)
     if chosen and memory is not None:
         log.info("batch sizes chosen for %.0f GiB per process by plan's estimate: %s", memory / 2**30,

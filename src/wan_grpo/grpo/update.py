@@ -120,6 +120,12 @@ def policy_update(
     sums by world_size / that expert's global count. A step with no weighted transition is skipped
     (no optimizer or LR-schedule step) and reported as such.
     """
+    step_weights = None
+    if cfg.reweight_steps:  # GRPO-Guard: normalised to mean 1 over the trainable steps, so the loss keeps its scale
+        w = guard_step_weight(traj.sigmas[:-1], traj.sigmas[1:], kind=traj.sde_type, noise_level=traj.noise_level,
+                              sigma_max=traj.sigma_max)
+        step_weights = w / w[traj.trainable].mean()
+
     def row_loss(expert, rows):
         s, t = rows[:, 0], rows[:, 1]
         unc = None if uncond is None else uncond[s.to(uncond.device)]
@@ -134,11 +140,8 @@ def policy_update(
                                              None if img is None else img.generated)
         per_transition, st = ppo_clip_loss(out.log_prob, old, advantages[s].to(device), cfg.clip_range,
                                            log_ratio=log_ratio)
-        if cfg.reweight_steps:
-            sig = traj.sigmas.to(device)
-            per_transition = per_transition * guard_step_weight(sig[t.to(device)], sig[t.to(device) + 1],
-                                                                kind=traj.sde_type, noise_level=traj.noise_level
-                                                                ).to(per_transition.dtype)
+        if step_weights is not None:
+            per_transition = per_transition * step_weights[t].to(device, per_transition.dtype)
         kl = torch.zeros_like(per_transition)
         if cfg.kl_coef > 0:
             with torch.no_grad(), policy.reference(denoiser) as ref_denoiser:

@@ -38,8 +38,20 @@ def set_attention_backend(experts, name: str | None) -> None:
     for expert in experts:
         try:
             expert.set_attention_backend(name.lower())
-        except (ValueError, RuntimeError) as exc:
+        except Exception as exc:  # ValueError, RuntimeError, a hub kernel's download error, ...
             raise UserError(f"--attention_backend {name}: {str(exc).splitlines()[0]}") from None
+
+
+def check_context_parallel(name: str | None, ulysses_size: int) -> None:
+    """Ulysses needs a backend that diffusers' context parallelism supports; say so before the model loads."""
+    if name is None or ulysses_size <= 1:
+        return
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    if not _AttentionBackendRegistry._is_context_parallel_available(AttentionBackendName(name.lower())):
+        supported = sorted(_AttentionBackendRegistry._supports_context_parallel)
+        raise UserError(f"--attention_backend {name} does not support --ulysses_size > 1; use one of "
+                        f"{', '.join(supported)}")
 
 
 def check_compile(enabled: bool, device_type: str) -> None:
