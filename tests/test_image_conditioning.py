@@ -144,21 +144,10 @@ def test_sample_cli_with_image_matches_the_pipeline(i2v, tmp_path):
 @pytest.mark.parametrize("variant", ["i2v", "ti2v"])
 def test_train_on_jsonl_prompts_with_images(variant, i2v, ti2v, tmp_path):
     """`train` with a .jsonl whose lines carry 'image': on-policy ratio 1, both image modes."""
-    from diffusers import WanPipeline
 
     from wan_grpo.grpo.metrics import read_metrics
 
-    c = {"i2v": i2v, "ti2v": ti2v}[variant]
-    ckpt = tmp_path / variant
-    if variant == "i2v":
-        _pipe(c, FlowMatchEulerDiscreteScheduler(shift=SHIFT)).save_pretrained(str(ckpt))
-    else:
-        WanPipeline(tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae,
-                    scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), transformer=c.transformer,
-                    expand_timesteps=True).save_pretrained(str(ckpt))
-    for k in range(2):
-        _image(seed=k).save(tmp_path / f"img{k}.png")
-    prompts = tmp_path / "prompts.jsonl"
+    ckpt, prompts = _image_task(tmp_path, {"i2v": i2v, "ti2v": ti2v}[variant], variant)
     prompts.write_text('{"prompt": "a fox", "image": "img0.png"}\n{"prompt": "a boat", "image": "img1.png"}\n')
     save_dir = tmp_path / f"run-{variant}"
     common = ["train", "--ckpt_dir", str(ckpt), "--prompts", str(prompts), "--size", f"{W}*{H}", "--frame_num", "5",
@@ -204,13 +193,7 @@ def test_batched_eval_of_image_prompts(tmp_path, ti2v):
     (prompt, seed) once, in order, with the scores of one-at-a-time eval."""
     import json
 
-    ckpt = tmp_path / "ti2v"
-    WanPipeline(tokenizer=ti2v.tokenizer, text_encoder=ti2v.text_encoder, vae=ti2v.vae,
-                scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), transformer=ti2v.transformer,
-                expand_timesteps=True).save_pretrained(str(ckpt))
-    for k in range(2):
-        _image(seed=k).save(tmp_path / f"img{k}.png")
-    prompts = tmp_path / "prompts.jsonl"
+    ckpt, prompts = _image_task(tmp_path, ti2v, "ti2v")
     prompts.write_text('{"prompt": "a fox", "image": "img0.png"}\n{"prompt": "a boat", "image": "img1.png"}\n'
                        '{"prompt": "a cat", "image": "img0.png"}\n')
     rows = {}
@@ -223,3 +206,17 @@ def test_batched_eval_of_image_prompts(tmp_path, ti2v):
     assert [(r["prompt_index"], r["seed"]) for r in rows[4]] == [(i, 1000 * i + k) for i in range(3) for k in range(2)]
     for one, batched in zip(rows[1], rows[4]):
         assert batched["brightness"] == pytest.approx(one["brightness"], abs=1e-4)
+
+
+def _image_task(tmp_path, c, variant):
+    """The model saved in diffusers' layout, two conditioning images, and the path for a prompt file."""
+    ckpt = tmp_path / variant
+    if variant == "i2v":
+        _pipe(c, FlowMatchEulerDiscreteScheduler(shift=SHIFT)).save_pretrained(str(ckpt))
+    else:
+        WanPipeline(tokenizer=c.tokenizer, text_encoder=c.text_encoder, vae=c.vae,
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT), transformer=c.transformer,
+                    expand_timesteps=True).save_pretrained(str(ckpt))
+    for k in range(2):
+        _image(seed=k).save(tmp_path / f"img{k}.png")
+    return ckpt, tmp_path / "prompts.jsonl"
