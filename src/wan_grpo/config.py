@@ -79,7 +79,7 @@ PRECISION_HELP = ("bf16: frozen weights bf16 (diffusers' _keep_in_fp32_modules s
 @dataclass
 class ModelConfig:
     task: str | None = opt(None, "Model preset: tiny (random weights, for tests), shapes (the small pretrained "
-                                 "Shapes model; build it once with make shapes-base), t2v-A14B, i2v-A14B or ti2v-5B. "
+                                 "Shapes model, shipped; make shapes-base rebuilds it), t2v-A14B, i2v-A14B or ti2v-5B. "
                                  "Default: tiny "
                                  "without --ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
     ckpt_dir: str | None = opt(None, "Wan2.2 checkpoint folder: diffusers layout (model_index.json) or the "

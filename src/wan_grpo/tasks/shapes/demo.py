@@ -20,7 +20,7 @@ from wan_grpo.cli import main as cli
 from wan_grpo.errors import UserError
 
 CONFIG = Path(__file__).resolve().parents[4] / "configs" / "shapes-demo.yaml"
-SAMPLES_PER_PROMPT = {1: 5, 2: 1}  # level 1: 15 held-out prompts x 5 = 75 videos; level 2: 216 x 1
+SAMPLES_PER_PROMPT = {1: 8, 2: 1}  # level 1: 15 held-out prompts x 8 = 120 videos; level 2: 216 x 1
 
 
 def run(argv: list[str]) -> None:
