@@ -202,3 +202,19 @@ def test_shipped_base_half_follows_heldout_prompts(tmp_path, level, samples, ban
     accuracy = [v["accuracy"] for v in json.loads((out / "eval.json").read_text())["videos"]]
     assert len(accuracy) >= 64
     assert band[0] <= sum(accuracy) / len(accuracy) <= band[1], sum(accuracy) / len(accuracy)
+
+
+@pytest.mark.slow
+def test_demo_trains_then_compares_base_and_trained_on_heldout_prompts(tmp_path, capsys):
+    """``make demo`` (python -m wan_grpo.tasks.shapes.demo), cut to one rollout: the summary lines and
+    the side-by-side grids a user is pointed at."""
+    from wan_grpo.tasks.shapes.demo import main as demo
+
+    save = tmp_path / "demo"
+    assert demo(["--save_dir", str(save), "--max_steps", "1", "--save_interval", "1", "--batch_size", "2",
+                 "--tensorboard", "false"]) == 0
+    out = capsys.readouterr().out
+    for level, videos in ((1, 120), (2, 216)):
+        line = next(x for x in out.splitlines() if x.startswith(f"level {level} held-out accuracy: base "))
+        assert f"{videos} videos" in line and "->" in line and "paired" in line
+        assert (save / f"eval-trained-level{level}" / "compare" / "grid.mp4").stat().st_size > 0
