@@ -27,7 +27,7 @@ Not counted: the reward model (VideoAlign) when it shares the device, and the CU
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -281,8 +281,6 @@ def resolve_batch_sizes(cfg, *, nproc: int, device_memory: float | None):
     """Unset (None) --train_batch_size / --rollout_batch_size / --decode_batch_size: on an accelerator
     (``device_memory`` bytes per process) the largest that fit by plan's estimate, else the CPU
     defaults (4, all samples at once, the preset's). Returns the config and what was chosen."""
-    import dataclasses
-
     unset = {k for k in ("train_batch_size", "rollout_batch_size", "decode_batch_size") if getattr(cfg, k) is None}
     if not unset:
         return cfg, {}
@@ -292,7 +290,7 @@ def resolve_batch_sizes(cfg, *, nproc: int, device_memory: float | None):
     else:
         chosen = auto_batch_sizes(train_plan(cfg, nproc=nproc), device_memory, keys=tuple(sorted(unset)))
     chosen = {k: v for k, v in chosen.items() if k in unset}
-    return dataclasses.replace(cfg, **chosen), chosen
+    return replace(cfg, **chosen), chosen
 
 
 def run_plan(cfg: PlanConfig) -> dict:

@@ -14,7 +14,7 @@ import torch
 from wan_grpo.config import opt
 from wan_grpo.errors import UserError
 from wan_grpo.rewards import build_rewards, parse_reward_spec
-from wan_grpo.rewards.config import RewardConfig
+from wan_grpo.rewards.config import StandaloneRewardConfig
 from wan_grpo.runtime import resolve_device
 from wan_grpo.video import frame_count, mp4_files, read_video, video_caption_pairs
 
@@ -22,7 +22,7 @@ log = logging.getLogger("wan_grpo")
 
 
 @dataclass
-class ScoreConfig(RewardConfig):
+class ScoreConfig(StandaloneRewardConfig):
     video: str | None = opt(None, "One mp4 to score (with --prompt); prints one JSON line.")
     prompt: str | None = opt(None, "The text prompt of --video.")
     videos: str | None = opt(None, "A folder of mp4s to score (with --prompts); writes a CSV.")
@@ -30,9 +30,6 @@ class ScoreConfig(RewardConfig):
                                     "files left out), or a .jsonl/.csv with 'video' (path relative to --videos) and "
                                     "'prompt' fields.")
     output: str | None = opt(None, "CSV path for --videos (default: VIDEOS/scores.csv).")
-    device: str = opt("auto", "Device of the reward model when --reward_device is unset: auto, cpu, cuda[:N].")
-    mixed_precision: str | None = opt(None, "VideoAlign in bf16 or fp32. Default: bf16 on CUDA, fp32 on CPU.",
-                                      choices=("bf16", "fp32"))
 
 
 def _pairs(cfg: ScoreConfig) -> list[tuple[Path, str]]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from wan_grpo.config import opt
 from wan_grpo.errors import UserError
 from wan_grpo.rewards import build_rewards
-from wan_grpo.rewards.config import RewardConfig
+from wan_grpo.rewards.config import StandaloneRewardConfig
 from wan_grpo.rewards.remote import RequestLimits, make_server, reward_token
 from wan_grpo.runtime import resolve_device
 
@@ -16,13 +16,10 @@ log = logging.getLogger("wan_grpo")
 
 
 @dataclass
-class ServerConfig(RewardConfig):
+class ServerConfig(StandaloneRewardConfig):
     host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0 for other machines: then set --reward_token or "
                                  "WAN_GRPO_REWARD_TOKEN so it refuses requests without the token).")
     port: int = opt(8765, "Port to listen on (0: any free port, printed at start-up).", ge=0, le=65535)
-    device: str = opt("auto", "Device of the reward model when --reward_device is unset: auto, cpu, cuda[:N].")
-    mixed_precision: str | None = opt(None, "VideoAlign in bf16 or fp32. Default: bf16 on CUDA, fp32 on CPU.",
-                                      choices=("bf16", "fp32"))
     max_request_mb: float = opt(256.0, "Largest request body accepted (413 above it, refused before it is read).",
                                 gt=0)
     max_decoded_mb: float = opt(2048.0, "Largest total size of a request's frames once decompressed, read from the "

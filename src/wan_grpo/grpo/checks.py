@@ -54,7 +54,7 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
         plan = dataclasses.replace(plan, stochastic=torch.ones_like(plan.stochastic))
     owned = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in trained}
     per_sample = sum(transitions_per_sample(n, cfg.timestep_fraction) for n in owned.values())
-    split = describe_steps(plan)
+    split = describe_steps(plan, "trained" if cfg.algorithm == "nft" else "stochastic")
     if per_sample == 0:
         raise UserError(f"--train_experts {cfg.train_experts} owns none of the stochastic steps ({split}); widen "
                         "--sde_window, change --sample_shift or train the other expert")
@@ -69,6 +69,6 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
                         f"{per_sample}; raise --timestep_fraction or lower --optimizer_steps_per_rollout")
 
 
-def describe_steps(plan) -> str:
+def describe_steps(plan, kind: str) -> str:
     counts = [int((plan.stochastic & (plan.experts == e)).sum()) for e in Expert]
-    return f"{counts[0]} high-noise and {counts[1]} low-noise of {len(plan.timesteps)} steps are stochastic"
+    return f"{counts[0]} high-noise and {counts[1]} low-noise of {len(plan.timesteps)} steps are {kind}"

@@ -33,3 +33,12 @@ class RewardConfig:
                                          "token; the server refuses requests without it). Default: the "
                                          "WAN_GRPO_REWARD_TOKEN environment variable, which keeps it out of "
                                          "process listings.")
+
+
+@dataclass
+class StandaloneRewardConfig(RewardConfig):
+    """For the commands that load only a reward (``score``, ``reward-server``): its device and precision."""
+
+    device: str = opt("auto", "Device of the reward model when --reward_device is unset: auto, cpu, cuda[:N].")
+    mixed_precision: str | None = opt(None, "VideoAlign in bf16 or fp32. Default: bf16 on CUDA, fp32 on CPU.",
+                                      choices=("bf16", "fp32"))
