@@ -100,6 +100,23 @@ def test_nft_run_logs_its_terms_and_trains_both_experts(tmp_path):
         assert max((after[k] - v).abs().max().item() for k, v in model.state_dict().items()) > 0
 
 
+def test_noise_draws_replay_each_level_with_fresh_noise(tmp_path):
+    """--nft_noise_draws D trains every (sample, level) D times in the same optimizer step, each copy
+    with its own noise from the sample's stream."""
+    from wan_grpo.grpo.nft_update import draw_noise
+
+    rows = torch.tensor([[0, 1], [0, 1], [1, 2], [1, 2]])
+    noise = draw_noise(rows, [7, 8], (2, 3))
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[2], noise[3])
+    assert torch.equal(noise, draw_noise(rows, [7, 8], (2, 3)))
+    args = ("--max_steps", "1", "--lora_rank", "0", "--timestep_fraction", "0.5")
+    _, once = train(tmp_path, "once", *args)
+    _, twice = train(tmp_path, "twice", *args, "--nft_noise_draws", "2")
+    for expert in ("high", "low"):
+        assert twice[0][f"trained_steps_{expert}"] == 2 * once[0][f"trained_steps_{expert}"] > 0
+    assert twice[0]["loss"] != once[0]["loss"]
+
+
 def test_nft_trains_only_the_chosen_expert(tmp_path):
     save_dir, rows = train(tmp_path, "high", "--max_steps", "1", "--lora_rank", "0", "--train_experts", "high")
     assert rows[0]["trained_steps_low"] == 0 and rows[0]["grad_norm_low"] == 0
@@ -137,6 +154,7 @@ def test_nft_checkpoint_does_not_resume_as_grpo(tmp_path, capsys):
     (["--algorithm", "grpo", "--sample_solver", "unipc"], "GRPO needs the log-probs of SDE steps"),
     (["--share_noise", "true"], "makes every video of a group the same"),
     (["--offload_model", "true"], "not supported with --algorithm nft"),
+    (["--algorithm", "grpo", "--nft_noise_draws", "2"], "--nft_noise_draws is for --algorithm nft"),
 ])
 def test_nft_settings_refused_up_front(tmp_path, capsys, argv, message):
     assert main(["train", *FAST, "--save_dir", str(tmp_path / "x"), *argv]) == 2

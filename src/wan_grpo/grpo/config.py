@@ -103,6 +103,9 @@ class TrainConfig(RewardConfig, PolicyConfig):
     optimizer_steps_per_rollout: int = opt(1, "Optimizer steps per rollout (1: the rollout is one step).", ge=1)
     nft_beta: float = opt(1.0, "nft: strength b of the implicit positive/negative policies v+- (DiffusionNFT's "
                                "beta).", gt=0)
+    nft_noise_draws: int = opt(1, "nft: fresh noise draws per (sample, noise level) in each optimizer step, averaged; "
+                                  "more lowers the gradient's variance for that many times the update's passes.",
+                               ge=1)
     nft_decay_type: int = opt(1, "nft: schedule of the old policy's soft update old <- d old + (1 - d) new after "
                                  "each rollout, k optimizer steps in: 0 (d = 0), 1 (min(0.001 k, 0.5)), 2 (0 until "
                                  "k = 75, then min(0.0075 (k - 75), 0.999)), as DiffusionNFT.", choices=(0, 1, 2))
@@ -138,6 +141,8 @@ class TrainConfig(RewardConfig, PolicyConfig):
             raise UserError("--offload_model is not supported with --algorithm nft yet; drop it or use --dit_fsdp")
         if self.algorithm != "grpo" and (self.ratio_norm or self.reweight_steps):
             raise UserError("--ratio_norm and --reweight_steps are GRPO-Guard options for --algorithm grpo; drop them")
+        if self.algorithm != "nft" and self.nft_noise_draws > 1:
+            raise UserError("--nft_noise_draws is for --algorithm nft (GRPO replays its recorded noise); drop it")
         if self.reweight_steps and not self.ratio_norm:
             raise UserError("--reweight_steps evens out the steps' gradients under RatioNorm; add --ratio_norm true "
                             "or drop it")

@@ -1,8 +1,8 @@
 """The DiffusionNFT update: train on the forward process of the rollout's clean samples.
 
 For each kept sample, a ``--timestep_fraction`` of the sampling schedule's noise levels owned by
-the trained experts is drawn from the sample's seeded stream, each with fresh noise from the same
-stream, so the result does not depend on the process count. The expert that owns a level (the
+the trained experts is drawn from the sample's seeded stream, each with ``--nft_noise_draws`` fresh
+noises from the same stream, so the result does not depend on the process count. The expert that owns a level (the
 boundary routing of sampling) predicts v from the prompt alone (no CFG); the old policy's v_old
 (and, with --kl_coef, the reference's) are computed first, for all rows at once, with the old
 weights swapped in. Each expert's loss is the weighted mean over its rows of every rank, as in
@@ -64,6 +64,7 @@ def nft_update(
     k = cfg.optimizer_steps_per_rollout
     rows = select_steps(torch.ones(len(timesteps), dtype=torch.bool), owners, seeds, fraction=cfg.timestep_fraction,
                         num_chunks=k, experts=tuple(policy.experts))
+    rows = rows.repeat_interleave(cfg.nft_noise_draws, dim=0)  # each copy draws its own noise below
     rows = torch.cat([rows, torch.arange(len(rows))[:, None]], dim=1)  # (sample, step, chunk, row)
     noise = draw_noise(rows, seeds, tuple(x0.shape[1:]))
     if dist.world_size == 1:  # (optimizer_steps drops them too; here they would cost old-policy passes)
