@@ -39,6 +39,8 @@ SETTINGS = {
             "--train_batch_size", "32"],
     "nft-high": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
                  "--timestep_fraction", "1.0", "--train_batch_size", "32"],
+    "nft-high-k3": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
+                    "--timestep_fraction", "1.0", "--train_batch_size", "32", "--optimizer_steps_per_rollout", "3"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }
@@ -74,6 +76,11 @@ def _components(paths: list[Path]) -> str:
     return ", ".join(f"{c} {statistics.mean(MEANS[p][c] for p in paths):.2f}" for c in names)
 
 
+def steps_per_rollout(setting: list[str]) -> int:
+    flag = "--optimizer_steps_per_rollout"
+    return int(setting[setting.index(flag) + 1]) if flag in setting else 1
+
+
 def stderr(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
@@ -106,14 +113,15 @@ def main() -> None:
     for name in args.settings.split(","):
         for seed in (int(s) for s in args.seeds.split(",")):
             run = work / f"{name}-seed{seed}"
+            k = steps_per_rollout(SETTINGS[name])
             wan_grpo("train", *common, *SETTINGS[name], "--prompts", train_prompts, "--seed", str(seed),
-                     "--max_steps", str(args.rollouts), "--num_epochs", "1000", "--save_interval", str(every),
-                     "--save_dir", str(run))
-            rows = read_metrics(run)
+                     "--max_steps", str(args.rollouts * k), "--num_epochs", "1000",
+                     "--save_interval", str(every * k), "--save_dir", str(run))
+            per_rollout = {r["rollout"]: r for r in read_metrics(run)}  # k rows per rollout share its timings
             for ckpt in sorted(run.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
-                step = int(ckpt.name.split("-")[1])
+                step = int(ckpt.name.split("-")[1]) // k  # rollouts
                 minutes = sum(r["rollout_seconds"] + r["reward_seconds"] + r["train_seconds"]
-                              for r in rows if r["step"] <= step) / 60
+                              for n, r in per_rollout.items() if n <= step) / 60
                 acc = evaluate(model, prompts, run / f"eval-{step}", args.num_samples, ckpt)
                 results.setdefault(name, {}).setdefault(step, []).append((seed, acc, minutes))
                 evals.setdefault((name, step), []).append(run / f"eval-{step}")
