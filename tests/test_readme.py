@@ -31,6 +31,16 @@ def test_every_cli_flag_is_documented_and_every_documented_flag_exists():
     assert "--config" in flags["train"]
 
 
+def test_every_command_help_renders_every_flag():
+    """`wan-grpo CMD --help` formats (argparse %-formats help: a bare % in a help text crashed it)."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, command in sub.choices.items():
+        text = command.format_help()
+        assert all(flag in text for flag in cli_flags()[name]), name
+    assert "90% of its memory" in sub.choices["train"].format_help()
+
+
 def test_quick_start_commands_are_make_targets():
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
     assert "make demo" in README and "make test" in README

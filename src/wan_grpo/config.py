@@ -165,7 +165,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         kind = _field_type(f, hints)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kwargs = {"help": f"{help_text(f)} (default: {default})", "default": argparse.SUPPRESS}
+        # argparse %-formats help strings: a literal % ("90% of it") must be doubled
+        kwargs = {"help": f"{help_text(f)} (default: {default})".replace("%", "%%"), "default": argparse.SUPPRESS}
         if kind is bool:
             kwargs.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         else:
