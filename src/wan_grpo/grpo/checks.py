@@ -54,9 +54,10 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
         plan = dataclasses.replace(plan, stochastic=torch.ones_like(plan.stochastic))
     owned = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in trained}
     per_sample = sum(transitions_per_sample(n, cfg.timestep_fraction) for n in owned.values())
-    split = describe_steps(plan, "trained" if cfg.algorithm == "nft" else "stochastic")
+    kind = "trained" if cfg.algorithm == "nft" else "stochastic"
+    split = describe_steps(plan, kind)
     if per_sample == 0:
-        raise UserError(f"--train_experts {cfg.train_experts} owns none of the stochastic steps ({split}); widen "
+        raise UserError(f"--train_experts {cfg.train_experts} owns none of the {kind} steps ({split}); widen "
                         "--sde_window, change --sample_shift or train the other expert")
     for e, n in owned.items():
         if n == 0:

@@ -2,11 +2,12 @@
 
 For each kept sample, a ``--timestep_fraction`` of the sampling schedule's noise levels owned by
 the trained experts is drawn from the sample's seeded stream, each with ``--nft_noise_draws`` fresh
-noises from the same stream, so the result does not depend on the process count. The expert that owns a level (the
-boundary routing of sampling) predicts v from the prompt alone (no CFG); the old policy's v_old
-(and, with --kl_coef, the reference's) are computed first, for all rows at once, with the old
-weights swapped in. Each expert's loss is the weighted mean over its rows of every rank, as in
-the GRPO update (grpo/update.py), whose micro-batching, clipping and optimizer step it shares.
+noises from the same stream, so the result does not depend on the process count. The expert that
+owns a level (the boundary routing of sampling) predicts v from the prompt alone (no CFG); the old
+policy's v_old (and, with --kl_coef, the reference's) are computed first, for all rows at once,
+with the old weights swapped in. Each expert's loss is the weighted mean over its rows of every
+rank, as in the GRPO update (grpo/update.py), whose micro-batching, clipping and optimizer step it
+shares.
 """
 
 from __future__ import annotations
