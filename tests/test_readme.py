@@ -35,9 +35,10 @@ def test_every_command_help_renders_every_flag():
     """`wan-grpo CMD --help` formats (argparse %-formats help: a bare % in a help text crashed it)."""
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
+    flags = cli_flags()
     for name, command in sub.choices.items():
         text = command.format_help()
-        assert all(flag in text for flag in cli_flags()[name]), name
+        assert all(flag in text for flag in flags[name]), name
     assert "90% of its memory" in sub.choices["train"].format_help()
 
 

@@ -50,11 +50,12 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
     plan = plan_steps(sampler, partial(route, boundary_ratio=info.boundary_ratio,
                                        num_train_timesteps=info.num_train_timesteps,
                                        present=(info.has_high, info.has_low)))
+    kind = "stochastic"
     if cfg.algorithm == "nft":  # NFT trains on the noise levels of every step, whatever the solver
         plan = dataclasses.replace(plan, stochastic=torch.ones_like(plan.stochastic))
+        kind = "trained"
     owned = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in trained}
     per_sample = sum(transitions_per_sample(n, cfg.timestep_fraction) for n in owned.values())
-    kind = "trained" if cfg.algorithm == "nft" else "stochastic"
     split = describe_steps(plan, kind)
     if per_sample == 0:
         raise UserError(f"--train_experts {cfg.train_experts} owns none of the {kind} steps ({split}); widen "
