@@ -161,6 +161,16 @@ def test_build_stages_parse_with_an_optional_dataset():
             Stage.parse(bad)
 
 
+def test_build_refuses_no_vae_check_videos_before_writing_anything(tmp_path, capsys):
+    from wan_grpo.tasks.shapes.build import main as build
+
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            build(["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--vae_check_videos", bad])
+        assert "--vae_check_videos must be >= 1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_a_short_build_is_deterministic_and_loads(tmp_path):
     """``make shapes-base`` in miniature (3 VAE steps, 4 SFT steps of both experts, 2 of the high-noise

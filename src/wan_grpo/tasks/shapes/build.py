@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae_check_videos", type=int, default=32,
                         help="Held-out renders per level whose VAE round trips the build card scores.")
     args = parser.parse_args(argv)
+    if args.vae_check_videos < 1:
+        parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work, out = Path(args.work), Path(args.out)
