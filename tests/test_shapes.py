@@ -78,6 +78,17 @@ def test_shipped_splits_are_the_generated_ones_and_cover_every_attribute():
             assert value in words
 
 
+def test_shapes_train_prompts_balance_the_levels_and_evaluation_lists_do_not():
+    from wan_grpo.grpo.data import load_prompt_records
+
+    level1, level2 = splits.load_split(1, "train"), splits.load_split(2, "train")
+    prompts, images = load_prompt_records("shapes:train")
+    assert prompts[:15] == [level1[0]] * 15 and prompts[-len(level2):] == level2
+    assert len(prompts) == 15 * len(level1) + len(level2) and images == [None] * len(prompts)
+    assert load_prompt_records("shapes:1:train")[0] == level1
+    assert load_prompt_records("shapes:heldout")[0] == splits.load_split(1, "heldout") + splits.load_split(2, "heldout")
+
+
 def _sample_scenes(level, n, seed=0):
     scenes = all_scenes(level)
     return [scenes[i] for i in np.random.default_rng(seed).choice(len(scenes), n, replace=False)]

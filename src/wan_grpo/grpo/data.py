@@ -67,14 +67,20 @@ def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[l
 
 
 def shapes_prompt_set(spec: str, *, flag: str = "--prompts") -> list[str]:
-    """``shapes:SPLIT`` (both levels) or ``shapes:LEVEL:SPLIT``: a shipped Shapes prompt list."""
+    """``shapes:SPLIT`` (both levels) or ``shapes:LEVEL:SPLIT``: a shipped Shapes prompt list. ``shapes:train``
+    repeats each level-1 prompt as sft's ``--dataset shapes`` does (15 times: 50 against level 2's 756),
+    so a rollout draws both levels equally, not level 1 one time in 16."""
 
     parts = spec.split(":")[1:]
     levels, split = ((1, 2), parts[0]) if len(parts) == 1 else ((parts[0],), parts[-1])
     if len(parts) > 2 or split not in SPLITS or any(str(lv) not in ("1", "2") for lv in levels):
         raise UserError(f"{flag} {spec}: write shapes:SPLIT or shapes:LEVEL:SPLIT with LEVEL 1 or 2 and SPLIT one "
                         f"of {', '.join(SPLITS)}")
-    return [p for lv in levels for p in load_split(int(lv), split)]
+    lists = [load_split(int(lv), split) for lv in levels]
+    if split == "train":
+        most = max(map(len, lists))
+        lists = [[p for p in v for _ in range(round(most / len(v)))] for v in lists]
+    return [p for v in lists for p in v]
 
 
 class PromptOrder:
