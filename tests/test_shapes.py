@@ -170,6 +170,8 @@ def test_build_stages_parse_with_an_optional_dataset():
     for bad in ("both:1000:1e-3", "mid:10:1e-3:1", "low:x:1e-3:1"):
         with pytest.raises(argparse.ArgumentTypeError, match="EXPERTS"):
             Stage.parse(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="empty DATASET"):
+        Stage.parse("low:1000:1e-3:2:")
 
 
 def test_build_refuses_no_vae_check_videos_before_writing_anything(tmp_path, capsys):

@@ -76,6 +76,8 @@ class Stage:
             ) from None
         if stage.experts not in ("high", "low", "high,low") or stage.steps < 1 or stage.videos_per_prompt < 1:
             raise argparse.ArgumentTypeError(f"{text!r}: EXPERTS is high, low or both; STEPS and VPP are >= 1")
+        if stage.dataset == "":
+            raise argparse.ArgumentTypeError(f"{text!r} ends in an empty DATASET; drop the last ':' to use --dataset")
         return stage
 
     def label(self) -> str:
