@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from wan_grpo.errors import UserError
-from wan_grpo.tasks.shapes.splits import SPLITS, load_split
+from wan_grpo.tasks.shapes.splits import SPLITS, balanced_train_prompts, load_split
 from wan_grpo.video import check_image_file
 
 # Used when no --prompts file is given.
@@ -76,11 +76,9 @@ def shapes_prompt_set(spec: str, *, flag: str = "--prompts") -> list[str]:
     if len(parts) > 2 or split not in SPLITS or any(str(lv) not in ("1", "2") for lv in levels):
         raise UserError(f"{flag} {spec}: write shapes:SPLIT or shapes:LEVEL:SPLIT with LEVEL 1 or 2 and SPLIT one "
                         f"of {', '.join(SPLITS)}")
-    lists = [load_split(int(lv), split) for lv in levels]
     if split == "train":
-        most = max(map(len, lists))
-        lists = [[p for p in v for _ in range(round(most / len(v)))] for v in lists]
-    return [p for v in lists for p in v]
+        return [p for p, repeats in balanced_train_prompts(levels) for _ in range(repeats)]
+    return [p for lv in levels for p in load_split(int(lv), split)]
 
 
 class PromptOrder:

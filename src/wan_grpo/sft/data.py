@@ -6,7 +6,7 @@ import numpy as np
 
 from wan_grpo.errors import UserError
 from wan_grpo.seeding import sample_seed
-from wan_grpo.tasks.shapes.splits import load_split
+from wan_grpo.tasks.shapes.splits import balanced_train_prompts
 from wan_grpo.tasks.shapes.world import FRAMES, SIZE, parse, render
 from wan_grpo.video import read_mp4, video_caption_pairs
 
@@ -44,9 +44,8 @@ def shapes_dataset(spec: str, *, width: int, height: int, frame_num: int, seed: 
     if (width, height, frame_num) != (SIZE, SIZE, FRAMES):
         raise UserError(f"--dataset shapes renders {SIZE}*{SIZE} videos of {FRAMES} frames; pass --size "
                         f"{SIZE}*{SIZE} --frame_num {FRAMES} (or --task shapes)")
-    lists = {lv: load_split(lv, "train") for lv in ((1, 2) if not level else (int(level),))}
-    most = max(len(v) for v in lists.values())
-    prompts = [(p, videos_per_prompt * round(most / len(v))) for v in lists.values() for p in v]
+    levels = (level,) if level else (1, 2)
+    prompts = [(p, videos_per_prompt * repeats) for p, repeats in balanced_train_prompts(levels)]
     captions, videos = [], []
     for i, (prompt, repeats) in enumerate(prompts):
         scene = parse(prompt)

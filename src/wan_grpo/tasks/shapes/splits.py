@@ -53,6 +53,15 @@ def load_split(level: int, split: str) -> list[str]:
     return [line for line in prompts_file(level, split).read_text(encoding="utf-8").splitlines() if line]
 
 
+def balanced_train_prompts(levels=(1, 2)) -> list[tuple[str, int]]:
+    """(prompt, repeats) for the training prompts of ``levels``: with both levels, each level-1 prompt
+    repeats as many times more as level 2 has more prompts (15: 50 against 756), so training draws
+    both levels equally."""
+    lists = [load_split(int(level), "train") for level in levels]
+    most = max(map(len, lists))
+    return [(p, round(most / len(v))) for v in lists for p in v]
+
+
 def write_splits() -> None:
     """Regenerate the shipped files (``python -m wan_grpo.tasks.shapes.splits``)."""
     PROMPTS_DIR.mkdir(exist_ok=True)
