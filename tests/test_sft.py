@@ -1,5 +1,7 @@
 """`wan-grpo sft`: flow-matching loss and timestep density, expert routing, learning, LoRA export, resume."""
 
+import logging
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -120,11 +122,17 @@ def test_lora_loads_into_wan_pipeline_for_both_experts(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_resume_is_exact(tmp_path, mode):
+def test_resume_is_exact(tmp_path, capsys, mode):
     args = [*SHAPES, *(["--lora_rank", "4", "--learning_rate", "1e-2"] if mode == "lora" else
                        ["--lora_rank", "0", "--learning_rate", "1e-3"])]
     _, straight = sft(tmp_path, "straight", *args, "--max_steps", "4")
     sft(tmp_path, "part", *args, "--max_steps", "2")
+    if mode == "lora":  # other training data: refused before anything loads or is written
+        assert main(["sft", "--save_dir", str(tmp_path / "part"), *args, "--videos_per_prompt", "2", "--max_steps",
+                     "4", "--resume", "auto"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and "not the 50 (in that order)" in err[0] and "start a new --save_dir" in err[0], err
+        assert sorted(c.name for c in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-2"]
     part_dir, resumed = sft(tmp_path, "part", *args, "--max_steps", "4", "--resume", "auto")
     assert resumed == straight
     name = "pytorch_lora_weights.safetensors" if mode == "lora" else "diffusion_pytorch_model.safetensors"
@@ -144,7 +152,7 @@ def test_bad_sft_input(tmp_path, capsys):
         assert len(err) == 1 and needle in err[0], err
 
 
-def test_high_noise_share_moves_samples_between_experts_only(tmp_path, capsys):
+def test_high_noise_share_moves_samples_between_experts_only(tmp_path, capsys, caplog):
     from wan_grpo.sft.loss import expert_balanced_timesteps
 
     gens = [torch.Generator().manual_seed(i) for i in range(2000)]
@@ -162,3 +170,7 @@ def test_high_noise_share_moves_samples_between_experts_only(tmp_path, capsys):
     assert main(["sft", "--save_dir", str(tmp_path / "one"), *SHAPES, "--max_steps", "1", "--train_experts", "high",
                  "--high_noise_share", "0.5"]) == 2
     assert "--high_noise_share" in capsys.readouterr().err
+    with caplog.at_level(logging.INFO, logger="wan_grpo"):  # the log names only the experts that trained
+        sft(tmp_path, "high", *SHAPES, "--max_steps", "1", "--train_experts", "high", "--log_interval", "1")
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1 "))
+    assert "high" in line and "low" not in line and "nan" not in line, line

@@ -82,9 +82,10 @@ def test_shapes_train_prompts_balance_the_levels_and_evaluation_lists_do_not():
     from wan_grpo.grpo.data import load_prompt_records
 
     level1, level2 = splits.load_split(1, "train"), splits.load_split(2, "train")
-    prompts, images = load_prompt_records("shapes:train")
+    prompts, images = load_prompt_records("shapes:train", training=True)
     assert prompts[:15] == [level1[0]] * 15 and prompts[-len(level2):] == level2
     assert len(prompts) == 15 * len(level1) + len(level2) and images == [None] * len(prompts)
+    assert load_prompt_records("shapes:train")[0] == level1 + level2  # eval: each prompt once
     assert load_prompt_records("shapes:1:train")[0] == level1
     assert load_prompt_records("shapes:heldout")[0] == splits.load_split(1, "heldout") + splits.load_split(2, "heldout")
 
@@ -134,8 +135,8 @@ def test_reward_components_and_coefficients():
     prompts = ["a red circle moving left", "a green square above a blue triangle"]
     videos = [torch.from_numpy(render(parse(p), 0)) for p in prompts]
     out = reward(videos, prompts, fps=8)
-    assert set(out) == {"colour", "shape", "motion", "relation", "accuracy", "clean"}
-    assert out["accuracy"].tolist() == [1.0, 1.0]
+    assert set(out) == {"colour", "shape", "motion", "relation", "partial", "accuracy", "clean"}
+    assert out["accuracy"].tolist() == [1.0, 1.0] and out["partial"].tolist() == [1.0, 1.0]
     assert out["motion"][0] == 1 and torch.isnan(out["motion"][1])  # motion does not apply to level 2
     assert torch.isnan(out["relation"][0]) and out["relation"][1] == 1
     assert reward.coefs["accuracy"] == 1 and all(v == 0 for k, v in reward.coefs.items() if k != "accuracy")
@@ -143,6 +144,42 @@ def test_reward_components_and_coefficients():
     assert reward([blank], prompts[:1], fps=8)["accuracy"].item() == 0
     with pytest.raises(UserError):
         reward(videos[:1], ["a cat walking in snow"], fps=8)
+
+
+def test_partial_credit_counts_each_attribute_and_shapes_coefs_weighs_it():
+    from types import SimpleNamespace
+
+    from wan_grpo.grpo.advantages import group_advantages
+    from wan_grpo.rewards import build_rewards
+
+    # a level-1 render scored against captions wrong in 0, 1 or 2 of colour, shape, motion
+    video = render(parse("a red circle moving left"), 0)
+    partial = [score_video(video, parse(p))["partial"] for p in
+               ("a red circle moving left", "a red circle moving right", "a red square moving right",
+                "a blue square moving right")]
+    assert partial == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    # level 2: the relation is the third check
+    still = render(parse("a green square above a blue triangle"), 0)
+    assert score_video(still, parse("a green square below a blue triangle"))["partial"] == pytest.approx(2 / 3)
+
+    cfg = SimpleNamespace(reward="shapes", shapes_coefs="accuracy=1,partial=0.5", reward_url=None)
+    rewards = build_rewards(cfg, default="shapes")
+    assert rewards.coefs["accuracy"] == 1 and rewards.coefs["partial"] == 0.5 and rewards.weighted == [
+        "partial", "accuracy"]
+    # a group whose accuracy is all 0 still ranks its videos by partial credit
+    comps = {"accuracy": torch.zeros(4), "partial": torch.tensor([0.0, 1 / 3, 2 / 3, 1 / 3])}
+    adv = group_advantages(comps, rewards.coefs, group_size=4)
+    assert adv.values[2] > adv.values[1] == adv.values[3] > adv.values[0]
+    assert group_advantages(comps, ShapesReward().coefs, group_size=4).values.abs().max() == 0
+
+    for spec, needle in [("motion=1", "weight partial"), ("size=1", "NAME in accuracy, partial"),
+                         ("accuracy=x", "not a number"), ("accuracy=0", "weights nothing")]:
+        with pytest.raises(UserError, match=needle):
+            ShapesReward(spec)
+    with pytest.raises(UserError, match="add --reward shapes"):
+        build_rewards(SimpleNamespace(reward="brightness", shapes_coefs="partial=1", reward_url=None), default="x")
+    with pytest.raises(UserError, match="reward-server"):
+        build_rewards(SimpleNamespace(reward=None, shapes_coefs="partial=1", reward_url="http://x"), default="x")
 
 
 def test_clean_is_one_on_renders_and_falls_with_stray_pixels():

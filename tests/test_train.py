@@ -140,10 +140,17 @@ def test_lora_loads_into_diffusers_pipeline(tmp_path, tiny_ckpt):
     assert (ckpt / "dcp" / ".metadata").is_file()  # sharded weights + optimizer
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+def test_resume_reproduces_uninterrupted_run(tmp_path, capsys):
     common = ("--max_steps", "4", "--lora_rank", "0", "--learning_rate", "1e-2", "--num_epochs", "10")
     full_dir, full = train(tmp_path, "full", *common)
     part_dir, _ = train(tmp_path, "part", *common[2:], "--max_steps", "2")
+    other = tmp_path / "other.txt"  # the run's batches come from its prompt list: another one cannot resume it
+    other.write_text("A cat walking in snow\nA dog running on a beach\n")
+    assert main(["train", *FAST, "--save_dir", str(part_dir), *common, "--prompts", str(other),
+                 "--resume", "auto"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wan-grpo")]
+    assert len(err) == 1 and "--prompts now gives 2 prompts, not the 5" in err[0], err
+    assert sorted(c.name for c in part_dir.glob("checkpoint-*")) == ["checkpoint-2"]
     # a leftover temp folder (a crash mid-save) is ignored by --resume auto
     (part_dir / ".checkpoint-3.tmp999").mkdir()
     _, resumed = train(tmp_path, "part", *common, "--resume", "auto")

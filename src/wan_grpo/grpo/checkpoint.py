@@ -6,7 +6,7 @@ Layout of ``SAVE_DIR/checkpoint-<step>/``:
   transformer/ or transformer_2/ diffusers model folders (full fine-tuning)
   dcp/               trainable weights + optimizer via torch.distributed.checkpoint: resumable on
                      any number of processes (resharded on load)
-  training_state.pt  LR schedule, RNG states, step, data position, counters
+  training_state.pt  LR schedule, RNG states, step, data position, counters, prompt-list fingerprint
 
   MANIFEST.json      every other file's size and sha256, written last
 
@@ -295,6 +295,19 @@ def check_resumable(path: Path, cfg) -> None:
         if flag in saved and norm(saved) != norm(vars(cfg)):
             raise UserError(f"--{flag} {getattr(cfg, flag)!r} differs from {path}'s {saved[flag]!r}; resume with "
                             f"--{flag} {saved[flag]} or start a new --save_dir")
+
+
+def prompts_record(prompts: list[str]) -> dict:
+    """What a checkpoint keeps of its prompt list: resuming on another list would not replay the same batches."""
+    return {"count": len(prompts), "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+
+
+def check_same_prompts(path: Path, prompts: list[str], flag: str) -> None:
+    """One-line error, before any model loads, when ``prompts`` is not the list ``path`` was trained on."""
+    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False).get("prompts")
+    if saved is not None and saved != prompts_record(prompts):
+        raise UserError(f"{flag} now gives {len(prompts)} prompts, not the {saved['count']} (in that order) {path} "
+                        f"was trained on; resume with the same {flag} or start a new --save_dir")
 
 
 def load_checkpoint(path: Path, policy) -> dict:

@@ -22,15 +22,16 @@ DEFAULT_PROMPTS = [
 ]
 
 
-def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[list[str], list[str | None]]:
+def load_prompt_records(path: str | None, *, flag: str = "--prompts",
+                        training: bool = False) -> tuple[list[str], list[str | None]]:
     """(prompts, images): .txt has one prompt per non-empty line; .jsonl one object per line with a
     'prompt' field and optionally an 'image' path (relative to the file's folder) for image-to-video
     models (.txt prompts and lines without it have None); ``shapes:[LEVEL:]SPLIT`` names a shipped
-    Shapes prompt list."""
+    Shapes prompt list (``training``: the levels balanced, see ``shapes_prompt_set``)."""
     if path is None:
         return list(DEFAULT_PROMPTS), [None] * len(DEFAULT_PROMPTS)
     if str(path).startswith("shapes:"):
-        prompts = shapes_prompt_set(str(path), flag=flag)
+        prompts = shapes_prompt_set(str(path), flag=flag, training=training)
         return prompts, [None] * len(prompts)
     p = Path(path)
     if not p.is_file():
@@ -66,17 +67,18 @@ def load_prompt_records(path: str | None, *, flag: str = "--prompts") -> tuple[l
     return lines, images
 
 
-def shapes_prompt_set(spec: str, *, flag: str = "--prompts") -> list[str]:
-    """``shapes:SPLIT`` (both levels) or ``shapes:LEVEL:SPLIT``: a shipped Shapes prompt list. ``shapes:train``
-    repeats each level-1 prompt as sft's ``--dataset shapes`` does (15 times: 50 against level 2's 756),
-    so a rollout draws both levels equally, not level 1 one time in 16."""
+def shapes_prompt_set(spec: str, *, flag: str = "--prompts", training: bool = False) -> list[str]:
+    """``shapes:SPLIT`` (both levels) or ``shapes:LEVEL:SPLIT``: a shipped Shapes prompt list. For
+    ``training``, ``shapes:train`` repeats each level-1 prompt as sft's ``--dataset shapes`` does (15 times:
+    50 against level 2's 756), so a rollout draws both levels equally, not level 1 one time in 16;
+    an evaluation lists each prompt once."""
 
     parts = spec.split(":")[1:]
     levels, split = ((1, 2), parts[0]) if len(parts) == 1 else ((parts[0],), parts[-1])
     if len(parts) > 2 or split not in SPLITS or any(str(lv) not in ("1", "2") for lv in levels):
         raise UserError(f"{flag} {spec}: write shapes:SPLIT or shapes:LEVEL:SPLIT with LEVEL 1 or 2 and SPLIT one "
                         f"of {', '.join(SPLITS)}")
-    if split == "train":
+    if split == "train" and training:
         return [p for p, repeats in balanced_train_prompts(levels) for _ in range(repeats)]
     return [p for lv in levels for p in load_split(int(lv), split)]
 

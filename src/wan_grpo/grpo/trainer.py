@@ -42,8 +42,10 @@ from wan_grpo.grpo.advantages import best_of_n, group_advantages
 from wan_grpo.grpo.algorithms import ALGORITHMS, Rollout
 from wan_grpo.grpo.checkpoint import (
     check_resumable,
+    check_same_prompts,
     load_checkpoint,
     prepare_save_dir,
+    prompts_record,
     resolve_resume,
     save_checkpoint,
 )
@@ -262,7 +264,7 @@ def setup(cfg: TrainConfig) -> Run:
     validate(cfg)
     seed_everything(cfg.seed)
     save_dir = prepare_save_dir(cfg.save_dir, create=False)
-    prompts, images = load_prompt_records(cfg.prompts)
+    prompts, images = load_prompt_records(cfg.prompts, training=True)
     eval_prompts, eval_images = load_prompt_records(cfg.eval_prompts, flag="--eval_prompts") if cfg.eval_interval \
         else ([], [])
     cfg, model_info = resolve_config(cfg)
@@ -272,6 +274,7 @@ def setup(cfg: TrainConfig) -> Run:
     resume = resolve_resume(cfg.resume, save_dir)
     if resume is not None:
         check_resumable(resume, cfg)
+        check_same_prompts(resume, prompts, "--prompts")
 
     device = resolve_device(cfg.device)
     context_parallel.check_device(cfg.ulysses_size, world_size=int(os.environ.get("WORLD_SIZE", 1)),
@@ -417,4 +420,4 @@ def _test_pause() -> None:
 
 def _state(run: Run, rollouts_done: int) -> dict:
     return {"rollout": rollouts_done, "epoch": run.order.epoch_of(rollouts_done), "counters": dict(run.counters),
-            "config": dataclasses.asdict(run.cfg)}
+            "config": dataclasses.asdict(run.cfg), "prompts": prompts_record(run.order.prompts)}

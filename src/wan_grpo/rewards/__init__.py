@@ -117,8 +117,13 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
     batch the server could not score come back as NaN (the trainer drops those groups) instead of
     raising.
     """
+    if cfg.shapes_coefs != "accuracy=1":  # a weight that would silently do nothing
+        if cfg.reward_url:
+            raise UserError("--shapes_coefs: with --reward_url the server's coefficients apply; give it to "
+                            "'wan-grpo reward-server' instead")
+        if "shapes" not in [name for name, _ in parse_reward_spec(cfg.reward or default)]:
+            raise UserError("--shapes_coefs weighs the shapes reward's components; add --reward shapes or drop it")
     if cfg.reward_url:
-
         remote = RemoteReward(cfg.reward_url, timeout=cfg.reward_timeout, retries=cfg.reward_retries,
                               token=reward_token(cfg),
                               drop_on_failure=drop_failed)
@@ -133,7 +138,8 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
                             {"VQ": cfg.vq_coef, "MQ": cfg.mq_coef, "TA": cfg.ta_coef}))
         elif name == "shapes":
 
-            entries.append((ShapesReward(), weight, ShapesReward.coefs))
+            shapes = ShapesReward(cfg.shapes_coefs)
+            entries.append((shapes, weight, shapes.coefs))
         elif name in BUILTIN:
             entries.append((FrameStatReward(name, BUILTIN[name]), weight, {}))
         else:

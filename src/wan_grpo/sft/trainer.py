@@ -26,8 +26,10 @@ from wan_grpo.distributed import cleanup, init_distributed
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.checkpoint import (
     check_resumable,
+    check_same_prompts,
     load_checkpoint,
     prepare_save_dir,
+    prompts_record,
     resolve_resume,
     save_checkpoint,
 )
@@ -95,6 +97,8 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     width, height = parse_size(cfg.size)
     prompts, videos = load_dataset(cfg.dataset, cfg.captions, width=width, height=height, frame_num=cfg.frame_num,
                                    seed=cfg.seed, videos_per_prompt=cfg.videos_per_prompt)
+    if resume is not None:
+        check_same_prompts(resume, prompts, "--dataset")
     components, cfg, device, dtype = load_model(cfg)
     cache = encode_all(components, sorted(set(prompts)), cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device, offload_experts=cfg.offload_model)
@@ -135,7 +139,8 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
             if stop.agreed():
                 path = save_dir / f"checkpoint-{step}"
                 if saved_at != step:
-                    path = save_checkpoint(save_dir, step, policy, _state(cfg, step), keep=cfg.keep_checkpoints)
+                    path = save_checkpoint(save_dir, step, policy, _state(cfg, step, prompts),
+                                           keep=cfg.keep_checkpoints)
                 raise Preempted(stop.name, path)
             t_start = time.perf_counter()
             picked = order.batch_indices(step)
@@ -145,10 +150,11 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
                    "step_seconds": time.perf_counter() - t_start}
             metrics.write(row)
             if cfg.log_interval and (step + 1) % cfg.log_interval == 0:
-                log.info("step %d  loss %.4f (high %.4f, low %.4f)", step + 1, row["loss"], row["loss_high"],
-                         row["loss_low"])
+                per_expert = ", ".join(f"{e.label} {row[f'loss_{e.label}']:.4f}" for e in Expert
+                                       if row[f"samples_{e.label}"])  # an expert without samples has no loss
+                log.info("step %d  loss %.4f (%s)", step + 1, row["loss"], per_expert)
             if (cfg.save_interval and (step + 1) % cfg.save_interval == 0) or step + 1 == total:
-                save_checkpoint(save_dir, step + 1, policy, _state(cfg, step + 1), keep=cfg.keep_checkpoints)
+                save_checkpoint(save_dir, step + 1, policy, _state(cfg, step + 1, prompts), keep=cfg.keep_checkpoints)
                 saved_at = step + 1
         if total > start:
             log.info("checkpoint: %s", save_dir / f"checkpoint-{total}")
@@ -158,8 +164,9 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     return save_dir
 
 
-def _state(cfg, steps_done: int) -> dict:
-    return {"rollout": steps_done, "counters": {}, "config": dataclasses.asdict(cfg)}
+def _state(cfg, steps_done: int, captions: list[str]) -> dict:
+    return {"rollout": steps_done, "counters": {}, "config": dataclasses.asdict(cfg),
+            "prompts": prompts_record(captions)}
 
 
 def sft_step(denoiser, policy, x0: torch.Tensor, captions: list[str], cache, neg: torch.Tensor, *, cfg, step: int,

@@ -12,8 +12,11 @@ farther than ``MAX_DISTANCE`` from all of them. Per frame and per colour the obj
 - ``relation`` (level 2): fraction of frames where both objects are present and the first is
   above / below / left of / right of the second: at least ``MIN_SEPARATION`` px apart along that
   axis, and farther apart along it than across it;
+- ``partial``: partial credit, the mean of the prompt's three attribute checks (colour, shape, and
+  motion or relation), GenEval-style; unlike ``accuracy`` it moves when an attribute improves while
+  another still fails, so a group that ``accuracy`` scores all 0 still ranks its videos;
 - ``accuracy``: 1 when every attribute holds: colour, shape (and relation) together in at least
-  half the frames, and motion for level 1. The trained component by default.
+  half the frames, and motion for level 1. The trained component by default (``--shapes_coefs``).
 - ``clean`` (logged, weight 0: a quality proxy the trained reward does not see, for spotting
   over-optimisation): the fraction of pixels away from the prompt's objects (outside their
   bounding boxes grown by ``CLEAN_MARGIN`` px) that are background grey. 1 on the renderer's videos.
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wan_grpo.errors import UserError
 from wan_grpo.tasks.shapes.world import BACKGROUND, COLOURS, Scene, parse
 
 PALETTE = np.array([BACKGROUND, *COLOURS.values()], dtype=np.float32)  # index 0: background
@@ -42,7 +46,8 @@ MIN_SEPARATION = 4.0  # px along the relation's axis; the renderer places centre
 # the Shapes VAE's reconstructions 0.90-1.0 / 0.78-0.86 / 0.50-0.58 (5th-95th percentiles)
 SQUARE_FILL, CIRCLE_FILL = 0.88, 0.68
 CLEAN_MARGIN = 2  # px around an object's bounding box where blurred edges are not counted against ``clean``
-COMPONENTS = ("colour", "shape", "motion", "relation", "accuracy", "clean")
+COMPONENTS = ("colour", "shape", "motion", "relation", "partial", "accuracy", "clean")
+TRAINABLE = ("accuracy", "partial", "colour", "shape", "clean")  # defined for every prompt of both levels
 
 
 @dataclass(frozen=True)
@@ -137,8 +142,10 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
             track.append(blobs[0])
     motion = float(_motion_holds(scene.direction, track)) if scene.level == 1 else float("nan")
     accurate = float(np.mean(together)) >= 0.5 and (scene.level == 2 or motion == 1.0)
+    action = motion if scene.level == 1 else float(np.mean(relation))
     return {"colour": float(np.mean(colour)), "shape": float(np.mean(shape)), "motion": motion,
             "relation": float(np.mean(relation)) if scene.level == 2 else float("nan"),
+            "partial": float(np.mean(colour) + np.mean(shape) + action) / 3,
             "accuracy": float(accurate), "clean": float(np.mean(clean))}
 
 
@@ -153,12 +160,36 @@ def _clean_fraction(labels: np.ndarray, blobs: list[Blob | None]) -> float:
     return float((labels[away] == 0).mean()) if away.any() else 1.0
 
 
+def parse_coefs(spec: str) -> dict[str, float]:
+    """``--shapes_coefs`` 'accuracy=1,partial=0.5' -> every component's coefficient (the unnamed ones 0)."""
+    coefs = dict.fromkeys(COMPONENTS, 0.0)
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        if name in ("motion", "relation"):
+            raise UserError(f"--shapes_coefs {name}: it applies to one level only; weight partial (colour, shape "
+                            "and motion or relation) instead")
+        if name not in TRAINABLE:
+            raise UserError(f"--shapes_coefs {item!r}: write NAME=WEIGHT,... with NAME in {', '.join(TRAINABLE)}")
+        try:
+            coefs[name] = float(value)
+        except ValueError:
+            raise UserError(f"--shapes_coefs {item!r}: the weight is not a number; write e.g. {name}=1") from None
+        if not np.isfinite(coefs[name]):
+            raise UserError(f"--shapes_coefs {item!r}: give a finite weight")
+    if not any(coefs.values()):
+        raise UserError(f"--shapes_coefs {spec!r} weights nothing; e.g. accuracy=1")
+    return coefs
+
+
 class ShapesReward:
     """``--reward shapes``: the verifier as a reward; prompts outside the grammar are an error."""
 
     name = "shapes"
     components = COMPONENTS
-    coefs = {"accuracy": 1.0, "colour": 0.0, "shape": 0.0, "motion": 0.0, "relation": 0.0, "clean": 0.0}
+
+    def __init__(self, coefs: str = "accuracy=1"):
+        self.coefs = parse_coefs(coefs)
 
     def __call__(self, videos: list[torch.Tensor], prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
         scenes = [parse(p) for p in prompts]
