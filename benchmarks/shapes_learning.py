@@ -6,6 +6,8 @@ with ``wan-grpo eval`` (UniPC, fixed seeds, --num_samples videos per prompt) on 
 gives, per setting and checkpoint, the accuracy averaged over seeds (+- the standard error over seeds,
 or within the one seed's videos) and the mean of the paired per-video change from the base; a PNG
 plots accuracy against training minutes. Choose settings on --split val; report --split heldout.
+Rerunning with the same --work reuses finished runs and evals and resumes a run that was stopped, so
+a grid can be spread over several sittings.
 
 python benchmarks/shapes_learning.py --settings grpo,nft --seeds 0,1,2 --rollouts 60 --level 1 --split val
 """
@@ -34,6 +36,8 @@ SETTINGS = {
     "grpo-cps": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_type", "cps"],
     "grpo-guard": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--ratio_norm", "true",
                    "--reweight_steps", "true", "--clip_range", "2e-6"],
+    "grpo-window-guard": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_window", "0:3",
+                          "--ratio_norm", "true", "--reweight_steps", "true", "--clip_range", "2e-6"],
     "grpo-lora": ["--algorithm", "grpo", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3"],
     "nft": ["--algorithm", "nft", "--lora_rank", "0", "--learning_rate", "1e-4", "--timestep_fraction", "0.3",
             "--train_batch_size", "32"],
@@ -58,9 +62,14 @@ COMPONENTS = ("colour", "shape", "motion", "relation", "clean")  # beside accura
 
 
 def evaluate(model: list[str], prompts: str, out: Path, samples: int, lora: Path | None = None) -> list[float]:
-    """Per-video accuracy, in (prompt, seed) order; the other components' means go to ``MEANS[out]``."""
-    extra = ["--lora", str(lora)] if lora else []
-    wan_grpo("eval", *model, "--prompts", prompts, "--num_samples", str(samples), "--save_dir", str(out), *extra)
+    """Per-video accuracy, in (prompt, seed) order; the other components' means go to ``MEANS[out]``.
+    An eval already in ``out`` of the same prompts, videos per prompt and checkpoint is read, not rerun."""
+    done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else None
+    same = done is not None and {k: done["config"].get(k) for k in ("prompts", "num_samples", "lora")} == {
+        "prompts": prompts, "num_samples": samples, "lora": str(lora) if lora else None}
+    if not same:
+        extra = ["--lora", str(lora)] if lora else []
+        wan_grpo("eval", *model, "--prompts", prompts, "--num_samples", str(samples), "--save_dir", str(out), *extra)
     videos = json.loads((out / "eval.json").read_text())["videos"]
     MEANS[out] = {c: statistics.mean(v[c] for v in videos if v.get(c) is not None)
                   for c in COMPONENTS if any(v.get(c) is not None for v in videos)}
@@ -96,6 +105,7 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=8)
     p.add_argument("--ckpt_dir", default=str(BASE_DIR))
     p.add_argument("--work", default="runs/shapes-learning")
+    p.add_argument("--plot", default=None, help="PNG name under docs/ (default shapes-learning-lLEVEL-SPLIT.png)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shapes-learning-")) if args.smoke else Path(args.work)
     if args.smoke:
@@ -110,13 +120,14 @@ def main() -> None:
     base = evaluate(model, prompts, work / "base", args.num_samples)
     results = {}  # setting -> rollouts -> [(seed, accuracies, minutes)]
     evals = {}  # (setting, rollouts) -> eval folders
-    for name in args.settings.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in (int(s) for s in args.seeds.split(",")):  # seeds outermost: a cut-short grid still compares settings
+        for name in args.settings.split(","):
             run = work / f"{name}-seed{seed}"
             k = steps_per_rollout(SETTINGS[name])
-            wan_grpo("train", *common, *SETTINGS[name], "--prompts", train_prompts, "--seed", str(seed),
-                     "--max_steps", str(args.rollouts * k), "--num_epochs", "1000",
-                     "--save_interval", str(every * k), "--save_dir", str(run))
+            if not (run / f"checkpoint-{args.rollouts * k}").is_dir():  # a grid cut short goes on where it stopped
+                wan_grpo("train", *common, *SETTINGS[name], "--prompts", train_prompts, "--seed", str(seed),
+                         "--max_steps", str(args.rollouts * k), "--num_epochs", "1000",
+                         "--save_interval", str(every * k), "--save_dir", str(run), "--resume", "auto")
             per_rollout = {r["rollout"]: r for r in read_metrics(run)}  # k rows per rollout share its timings
             for ckpt in sorted(run.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
                 step = int(ckpt.name.split("-")[1]) // k  # rollouts
@@ -140,7 +151,7 @@ def main() -> None:
                          f"{statistics.mean(means):.3f} +- {spread:.3f} | {statistics.mean(changes):+.3f} +- "
                          f"{change_se:.3f} | {len(runs)} | {_components(evals[(name, step)])} |")
     if not args.smoke:
-        _plot(results, base_mean, DOCS.parent / f"shapes-learning-l{args.level}-{args.split}.png")
+        _plot(results, base_mean, DOCS.parent / (args.plot or f"shapes-learning-l{args.level}-{args.split}.png"))
     record(f"Shapes learning, level {args.level} ({args.split})", _cpu(), lines, args.smoke)
 
 
