@@ -10,6 +10,7 @@ Rerunning with the same --work reuses finished runs and evals and resumes a run 
 a grid can be spread over several sittings.
 
 python benchmarks/shapes_learning.py --settings grpo,nft --seeds 0,1,2 --rollouts 60 --level 1 --split val
+python benchmarks/shapes_learning.py --settings nft,grpo --rollouts 30,grpo=69 ...   # GRPO runs 69 rollouts
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ SETTINGS = {
                  "--timestep_fraction", "1.0", "--train_batch_size", "32"],
     "nft-high-k3": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
                     "--timestep_fraction", "1.0", "--train_batch_size", "32", "--optimizer_steps_per_rollout", "3"],
+    "nft-high-k3-partial": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
+                            "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
+                            "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,partial=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }
@@ -98,7 +102,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--settings", default="grpo,nft", help=f"comma list of {', '.join(SETTINGS)}")
     p.add_argument("--seeds", default="0")
-    p.add_argument("--rollouts", type=int, default=60)
+    p.add_argument("--rollouts", default="60",
+                   help="rollouts per run: N, or N,SETTING=M,... to give some settings M (e.g. GRPO's 30 minutes)")
     p.add_argument("--evals", type=int, default=3, help="checkpoints evaluated per run, evenly spaced")
     p.add_argument("--level", type=int, default=1, choices=(1, 2))
     p.add_argument("--split", default="val", choices=("val", "heldout"))
@@ -109,28 +114,31 @@ def main() -> None:
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shapes-learning-")) if args.smoke else Path(args.work)
     if args.smoke:
-        args.settings, args.seeds, args.rollouts, args.evals, args.num_samples = "grpo,nft", "0", 2, 1, 1
+        args.settings, args.seeds, args.rollouts, args.evals, args.num_samples = "grpo,nft", "0", "2", 1, 1
         model, common = ["--task", "tiny", "--reward", "shapes", "--size", "64*64", "--frame_num", "9",
                          "--sampling_steps", "4"], SMOKE
     else:
         model, common = ["--ckpt_dir", args.ckpt_dir], ["--ckpt_dir", args.ckpt_dir, *COMMON]
     prompts = f"shapes:{args.level}:{args.split}"
     train_prompts = f"shapes:{args.level}:train"
-    every = max(1, args.rollouts // args.evals)
+    rollouts = _rollouts(args.rollouts, args.settings.split(","))
     base = evaluate(model, prompts, work / "base", args.num_samples)
     results = {}  # setting -> rollouts -> [(seed, accuracies, minutes)]
     evals = {}  # (setting, rollouts) -> eval folders
     for seed in (int(s) for s in args.seeds.split(",")):  # seeds outermost: a cut-short grid still compares settings
         for name in args.settings.split(","):
             run = work / f"{name}-seed{seed}"
-            k = steps_per_rollout(SETTINGS[name])
-            if not (run / f"checkpoint-{args.rollouts * k}").is_dir():  # a grid cut short goes on where it stopped
+            k, n = steps_per_rollout(SETTINGS[name]), rollouts[name]
+            every = max(1, n // args.evals)  # a longer rerun resumes the shorter run and adds its checkpoints
+            if not (run / f"checkpoint-{n * k}").is_dir():  # a grid cut short goes on where it stopped
                 wan_grpo("train", *common, *SETTINGS[name], "--prompts", train_prompts, "--seed", str(seed),
-                         "--max_steps", str(args.rollouts * k), "--num_epochs", "1000",
+                         "--max_steps", str(n * k), "--num_epochs", "1000",
                          "--save_interval", str(every * k), "--save_dir", str(run), "--resume", "auto")
             per_rollout = {r["rollout"]: r for r in read_metrics(run)}  # k rows per rollout share its timings
             for ckpt in sorted(run.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
                 step = int(ckpt.name.split("-")[1]) // k  # rollouts
+                if step > n:  # a longer earlier run in the same --work
+                    continue
                 minutes = sum(r["rollout_seconds"] + r["reward_seconds"] + r["train_seconds"]
                               for n, r in per_rollout.items() if n <= step) / 60
                 acc = evaluate(model, prompts, run / f"eval-{step}", args.num_samples, ckpt)
@@ -153,6 +161,22 @@ def main() -> None:
     if not args.smoke:
         _plot(results, base_mean, DOCS.parent / (args.plot or f"shapes-learning-l{args.level}-{args.split}.png"))
     record(f"Shapes learning, level {args.level} ({args.split})", _cpu(), lines, args.smoke)
+
+
+def _rollouts(spec: str, settings: list[str]) -> dict[str, int]:
+    """'30,grpo-window=69' -> {setting: rollouts}."""
+    default, given = None, {}
+    for item in spec.split(","):
+        name, _, value = item.rpartition("=")
+        if name:
+            if name not in settings:
+                raise SystemExit(f"--rollouts {item}: {name} is not in --settings")
+            given[name] = int(value)
+        else:
+            default = int(value)
+    if default is None and set(given) != set(settings):
+        raise SystemExit("--rollouts: give a number for the settings not named, e.g. 30,grpo-window=69")
+    return {name: given.get(name, default) for name in settings}
 
 
 def _cpu():

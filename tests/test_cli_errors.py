@@ -73,3 +73,25 @@ def test_train_config_checks_its_fields_when_made():
             TrainConfig(**kwargs)
     assert TrainConfig(algorithm="nft", sample_solver="unipc").rollout_solver == "unipc"
     assert TrainConfig().rollout_solver == "sde"
+
+
+def test_reward_flag_errors_come_before_any_model_loads(capsys, tmp_path, monkeypatch):
+    import wan_grpo.evaluate as evaluate
+    import wan_grpo.grpo.trainer as trainer
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model loaded before the reward flags were checked")
+
+    monkeypatch.setattr(trainer, "load_model", never)
+    monkeypatch.setattr(evaluate, "load_model", never)
+    out = tmp_path / "out"
+    for args, needle in [
+        (["train", "--task", "shapes", "--prompts", "shapes:1:train", "--shapes_coefs", "size=1"], "NAME in accuracy"),
+        (["train", "--task", "shapes", "--prompts", "shapes:1:train", "--reward", "brightness", "--shapes_coefs",
+          "partial=1"], "add --reward shapes"),
+        (["eval", "--task", "shapes", "--prompts", "shapes:1:val", "--shapes_coefs", "accuracy=0"], "weights nothing"),
+        (["eval", "--prompts", "shapes:1:val", "--reward", "videoalign", "--vq_coef", "0"], "all 0"),
+    ]:
+        rc, err = run_cli(capsys, [*args, "--save_dir", str(out)])
+        assert rc == 2 and len(err) == 1 and needle in err[0], (args, err)
+        assert not out.exists()

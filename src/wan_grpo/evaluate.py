@@ -24,9 +24,9 @@ from wan_grpo.grpo.checkpoint import apply_checkpoint, check_trained_checkpoint
 from wan_grpo.grpo.data import load_prompt_records
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.rewards import build_rewards
+from wan_grpo.rewards import build_rewards, check_reward_flags
 from wan_grpo.rewards.config import RewardConfig
-from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_device
+from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_config, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape, rollout, sample_multistep
 from wan_grpo.sampling.schedule import MULTISTEP
@@ -123,6 +123,8 @@ def run_eval(cfg: EvalConfig) -> Path:
     if cfg.lora:
         check_trained_checkpoint(cfg.lora)
     resolve_device(cfg.device)
+    cfg, _ = resolve_config(cfg)  # reads config files only; the task decides the default reward
+    check_reward_flags(cfg, default=default_reward(cfg.task))
     seed_everything(cfg.seed)  # reward plug-ins and libraries that draw from the global RNGs
     components, cfg, device, dtype = load_model(cfg)
     rewards = build_rewards(cfg, default=default_reward(cfg.task), device=device)

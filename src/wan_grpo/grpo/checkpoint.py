@@ -281,32 +281,29 @@ def resolve_resume(resume: str | None, save_dir: str | Path) -> Path | None:
     return path
 
 
-def check_resumable(path: Path, cfg) -> None:
-    """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds."""
+def prompts_record(prompts: list[str]) -> dict:
+    """What a checkpoint keeps of its prompt list: resuming on another list would not replay the same batches."""
+    return {"count": len(prompts), "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
 
-    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False).get("config", {})
+
+def check_resumable(path: Path, cfg, prompts: list[str], flag: str) -> None:
+    """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds or
+    ``prompts`` (given by ``flag``) is not the list ``path`` was trained on."""
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    saved = state.get("config", {})
     checks = [("algorithm", lambda c: c.get("algorithm", "grpo")), ("lora_rank", lambda c: int(c["lora_rank"])),
               ("init_lora", lambda c: c.get("init_lora")), ("init_lora_mode", lambda c: c.get("init_lora_mode")),
               ("train_experts", lambda c: sorted(expert_names(c["train_experts"])))]
     if cfg.lora_rank > 0 and saved.get("lora_rank", 0) > 0:
         checks += [("lora_alpha", lambda c: float(c["lora_alpha"])),
                    ("lora_target_modules", lambda c: lora_targets(c["lora_target_modules"]))]
-    for flag, norm in checks:
-        if flag in saved and norm(saved) != norm(vars(cfg)):
-            raise UserError(f"--{flag} {getattr(cfg, flag)!r} differs from {path}'s {saved[flag]!r}; resume with "
-                            f"--{flag} {saved[flag]} or start a new --save_dir")
-
-
-def prompts_record(prompts: list[str]) -> dict:
-    """What a checkpoint keeps of its prompt list: resuming on another list would not replay the same batches."""
-    return {"count": len(prompts), "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
-
-
-def check_same_prompts(path: Path, prompts: list[str], flag: str) -> None:
-    """One-line error, before any model loads, when ``prompts`` is not the list ``path`` was trained on."""
-    saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False).get("prompts")
-    if saved is not None and saved != prompts_record(prompts):
-        raise UserError(f"{flag} now gives {len(prompts)} prompts, not the {saved['count']} (in that order) {path} "
+    for name, norm in checks:
+        if name in saved and norm(saved) != norm(vars(cfg)):
+            raise UserError(f"--{name} {getattr(cfg, name)!r} differs from {path}'s {saved[name]!r}; resume with "
+                            f"--{name} {saved[name]} or start a new --save_dir")
+    record = state.get("prompts")  # absent in checkpoints older than the record
+    if record is not None and record != prompts_record(prompts):
+        raise UserError(f"{flag} now gives {len(prompts)} prompts, not the {record['count']} (in that order) {path} "
                         f"was trained on; resume with the same {flag} or start a new --save_dir")
 
 

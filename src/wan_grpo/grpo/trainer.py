@@ -42,7 +42,6 @@ from wan_grpo.grpo.advantages import best_of_n, group_advantages
 from wan_grpo.grpo.algorithms import ALGORITHMS, Rollout
 from wan_grpo.grpo.checkpoint import (
     check_resumable,
-    check_same_prompts,
     load_checkpoint,
     prepare_save_dir,
     prompts_record,
@@ -61,7 +60,7 @@ from wan_grpo.models.kernels import check_context_parallel
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.plan import resolve_batch_sizes, train_estimate
-from wan_grpo.rewards import RewardSet, build_rewards
+from wan_grpo.rewards import RewardSet, build_rewards, check_reward_flags
 from wan_grpo.runtime import (
     autocast_dtype,
     describe_split,
@@ -271,10 +270,10 @@ def setup(cfg: TrainConfig) -> Run:
     sampler = SamplerConfig(solver=cfg.rollout_solver, steps=cfg.sampling_steps, shift=cfg.sample_shift,
                             sde_type=cfg.sde_type, noise_level=cfg.noise_level, sde_window=parse_window(cfg.sde_window))
     check_schedule(cfg, model_info, sampler)
+    check_reward_flags(cfg, default=default_reward(cfg.task))
     resume = resolve_resume(cfg.resume, save_dir)
     if resume is not None:
-        check_resumable(resume, cfg)
-        check_same_prompts(resume, prompts, "--prompts")
+        check_resumable(resume, cfg, prompts, "--prompts")
 
     device = resolve_device(cfg.device)
     context_parallel.check_device(cfg.ulysses_size, world_size=int(os.environ.get("WORLD_SIZE", 1)),

@@ -18,7 +18,7 @@ from wan_grpo.rewards.base import Reward
 from wan_grpo.rewards.builtin import BUILTIN, FrameStatReward
 from wan_grpo.rewards.remote import RemoteReward, reward_token
 from wan_grpo.runtime import resolve_device, resolve_precision
-from wan_grpo.tasks.shapes.verifier import ShapesReward
+from wan_grpo.tasks.shapes.verifier import DEFAULT_COEFS, ShapesReward, parse_coefs
 
 NAMES = (*BUILTIN, "shapes", "videoalign")
 
@@ -110,6 +110,23 @@ class RewardSet:
         return sum(self.coefs[k] * components[k] for k in self.weighted)
 
 
+def check_reward_flags(cfg, *, default: str) -> None:
+    """The reward flags' one-line errors, cheap enough to raise before any model loads (``default``: the
+    task's reward when --reward is unset)."""
+    if cfg.shapes_coefs != DEFAULT_COEFS:  # a weight that would silently do nothing
+        if cfg.reward_url:
+            raise UserError("--shapes_coefs: with --reward_url the server's coefficients apply; give it to "
+                            "'wan-grpo reward-server' instead")
+        if "shapes" not in [name for name, _ in parse_reward_spec(cfg.reward or default)]:
+            raise UserError("--shapes_coefs weighs the shapes reward's components; add --reward shapes or drop it")
+        parse_coefs(cfg.shapes_coefs)
+    if cfg.reward_url:
+        return
+    names = [name for name, _ in parse_reward_spec(cfg.reward or default)]
+    if "videoalign" in names and not (cfg.vq_coef or cfg.mq_coef or cfg.ta_coef):
+        raise UserError("--vq_coef, --mq_coef and --ta_coef are all 0; give VideoAlign a non-zero one")
+
+
 def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop_failed: bool = False) -> RewardSet:
     """The rewards ``cfg`` (a RewardConfig) names; VideoAlign loads onto ``--reward_device`` or ``device``.
 
@@ -117,12 +134,7 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
     batch the server could not score come back as NaN (the trainer drops those groups) instead of
     raising.
     """
-    if cfg.shapes_coefs != "accuracy=1":  # a weight that would silently do nothing
-        if cfg.reward_url:
-            raise UserError("--shapes_coefs: with --reward_url the server's coefficients apply; give it to "
-                            "'wan-grpo reward-server' instead")
-        if "shapes" not in [name for name, _ in parse_reward_spec(cfg.reward or default)]:
-            raise UserError("--shapes_coefs weighs the shapes reward's components; add --reward shapes or drop it")
+    check_reward_flags(cfg, default=default)
     if cfg.reward_url:
         remote = RemoteReward(cfg.reward_url, timeout=cfg.reward_timeout, retries=cfg.reward_retries,
                               token=reward_token(cfg),
@@ -132,12 +144,9 @@ def build_rewards(cfg, *, default: str, device: torch.device | str = "cpu", drop
     entries = []
     for name, weight in parse_reward_spec(cfg.reward or default):
         if name == "videoalign":
-            if not (cfg.vq_coef or cfg.mq_coef or cfg.ta_coef):
-                raise UserError("--vq_coef, --mq_coef and --ta_coef are all 0; give VideoAlign a non-zero one")
             entries.append((build_videoalign(cfg, device=cfg.reward_device or device), weight,
                             {"VQ": cfg.vq_coef, "MQ": cfg.mq_coef, "TA": cfg.ta_coef}))
         elif name == "shapes":
-
             shapes = ShapesReward(cfg.shapes_coefs)
             entries.append((shapes, weight, shapes.coefs))
         elif name in BUILTIN:

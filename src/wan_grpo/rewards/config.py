@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from wan_grpo.config import opt
+from wan_grpo.tasks.shapes.verifier import DEFAULT_COEFS as DEFAULT_SHAPES_COEFS
 
 
 @dataclass
@@ -19,7 +20,7 @@ class RewardConfig:
     vq_coef: float = opt(1.0, "VideoAlign visual-quality coefficient.")
     mq_coef: float = opt(0.0, "VideoAlign motion-quality coefficient.")
     ta_coef: float = opt(0.0, "VideoAlign text-alignment coefficient.")
-    shapes_coefs: str = opt("accuracy=1", "Shapes reward: trained components as NAME=WEIGHT,... over accuracy, "
+    shapes_coefs: str = opt(DEFAULT_SHAPES_COEFS, "Shapes reward: trained components as NAME=WEIGHT,... over accuracy, "
                                           "partial (mean of the colour, shape and motion or relation checks), "
                                           "colour, shape, clean; each is normalised in its group, then weighted.")
     reward_raw: bool = opt(False, "VideoAlign: raw VQ/MQ/TA instead of normalised by the checkpoint's "

@@ -142,10 +142,11 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
             track.append(blobs[0])
     motion = float(_motion_holds(scene.direction, track)) if scene.level == 1 else float("nan")
     accurate = float(np.mean(together)) >= 0.5 and (scene.level == 2 or motion == 1.0)
-    action = motion if scene.level == 1 else float(np.mean(relation))
-    return {"colour": float(np.mean(colour)), "shape": float(np.mean(shape)), "motion": motion,
-            "relation": float(np.mean(relation)) if scene.level == 2 else float("nan"),
-            "partial": float(np.mean(colour) + np.mean(shape) + action) / 3,
+    colour_mean, shape_mean = float(np.mean(colour)), float(np.mean(shape))
+    relation_mean = float(np.mean(relation)) if scene.level == 2 else float("nan")
+    action = motion if scene.level == 1 else relation_mean
+    return {"colour": colour_mean, "shape": shape_mean, "motion": motion, "relation": relation_mean,
+            "partial": (colour_mean + shape_mean + action) / 3,
             "accuracy": float(accurate), "clean": float(np.mean(clean))}
 
 
@@ -158,6 +159,9 @@ def _clean_fraction(labels: np.ndarray, blobs: list[Blob | None]) -> float:
             away[max(0, b.top - CLEAN_MARGIN):min(h, b.bottom + CLEAN_MARGIN + 1),
                  max(0, b.left - CLEAN_MARGIN):min(w, b.right + CLEAN_MARGIN + 1)] = False
     return float((labels[away] == 0).mean()) if away.any() else 1.0
+
+
+DEFAULT_COEFS = "accuracy=1"
 
 
 def parse_coefs(spec: str) -> dict[str, float]:
@@ -188,7 +192,7 @@ class ShapesReward:
     name = "shapes"
     components = COMPONENTS
 
-    def __init__(self, coefs: str = "accuracy=1"):
+    def __init__(self, coefs: str = DEFAULT_COEFS):
         self.coefs = parse_coefs(coefs)
 
     def __call__(self, videos: list[torch.Tensor], prompts: list[str], *, fps: float) -> dict[str, torch.Tensor]:
