@@ -49,6 +49,9 @@ SETTINGS = {
     "nft-high-k3-partial": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
                             "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
                             "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,partial=1"],
+    "nft-high-k3-fill": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
+                         "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
+                         "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,partial=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }

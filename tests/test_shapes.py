@@ -135,7 +135,7 @@ def test_reward_components_and_coefficients():
     prompts = ["a red circle moving left", "a green square above a blue triangle"]
     videos = [torch.from_numpy(render(parse(p), 0)) for p in prompts]
     out = reward(videos, prompts, fps=8)
-    assert set(out) == {"colour", "shape", "motion", "relation", "partial", "accuracy", "clean"}
+    assert set(out) == {"colour", "shape", "fill", "motion", "relation", "partial", "accuracy", "clean"}
     assert out["accuracy"].tolist() == [1.0, 1.0] and out["partial"].tolist() == [1.0, 1.0]
     assert out["motion"][0] == 1 and torch.isnan(out["motion"][1])  # motion does not apply to level 2
     assert torch.isnan(out["relation"][0]) and out["relation"][1] == 1
@@ -180,6 +180,25 @@ def test_partial_credit_counts_each_attribute_and_shapes_coefs_weighs_it():
         build_rewards(SimpleNamespace(reward="brightness", shapes_coefs="partial=1", reward_url=None), default="x")
     with pytest.raises(UserError, match="reward-server"):
         build_rewards(SimpleNamespace(reward=None, shapes_coefs="partial=1", reward_url="http://x"), default="x")
+
+
+def test_fill_grades_shape_where_the_shape_check_is_all_or_nothing():
+    from wan_grpo.tasks.shapes.verifier import FILL_SLACK, Blob, fill_score
+
+    box = Blob(area=80, top=0, left=0, bottom=9, right=9, cy=4.5, cx=4.5)  # fills 0.8 of its box
+    assert fill_score(box, "circle") == 1.0
+    assert fill_score(box, "square") == pytest.approx(1 - (0.88 - 0.8) / FILL_SLACK)
+    assert fill_score(box, "triangle") == pytest.approx(1 - (0.8 - 0.68) / FILL_SLACK)
+    assert fill_score(None, "circle") == 0.0
+    for level in (1, 2):
+        for i, scene in enumerate(_sample_scenes(level, 12, seed=9 + level)):
+            assert score_video(render(scene, i), scene)["fill"] == 1.0
+    # a triangle, a circle and a square drawn for a square caption: shape is 0, 0, 1; fill is graded
+    square = parse("a red square moving left")
+    scores = [score_video(render(parse(f"a red {s} moving left"), 0), square) for s in ("triangle", "circle", "square")]
+    assert [r["shape"] for r in scores] == [0.0, 0.0, 1.0]
+    assert 0 < scores[0]["fill"] < scores[1]["fill"] < scores[2]["fill"] == 1.0
+    assert ShapesReward("fill=1").coefs["fill"] == 1
 
 
 def test_clean_is_one_on_renders_and_falls_with_stray_pixels():

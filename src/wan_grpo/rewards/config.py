@@ -20,9 +20,10 @@ class RewardConfig:
     vq_coef: float = opt(1.0, "VideoAlign visual-quality coefficient.")
     mq_coef: float = opt(0.0, "VideoAlign motion-quality coefficient.")
     ta_coef: float = opt(0.0, "VideoAlign text-alignment coefficient.")
-    shapes_coefs: str = opt(DEFAULT_SHAPES_COEFS, "Shapes reward: trained components as NAME=WEIGHT,... over accuracy, "
-                                          "partial (mean of the colour, shape and motion or relation checks), "
-                                          "colour, shape, clean; each is normalised in its group, then weighted.")
+    shapes_coefs: str = opt(DEFAULT_SHAPES_COEFS, "Shapes reward: trained components as NAME=WEIGHT,... over "
+                                                  "accuracy, partial (mean of the colour, shape and motion or "
+                                                  "relation checks), colour, shape, fill (graded shape), clean; "
+                                                  "each is normalised in its group, then weighted.")
     reward_raw: bool = opt(False, "VideoAlign: raw VQ/MQ/TA instead of normalised by the checkpoint's "
                                   "inference_config (DanceGRPO trains on normalised).")
     reward_device: str | None = opt(None, "Device of the reward model (default: the training device; bf16 on "

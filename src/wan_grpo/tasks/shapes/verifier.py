@@ -7,6 +7,10 @@ farther than ``MAX_DISTANCE`` from all of them. Per frame and per colour the obj
 - ``colour``: fraction of frames whose set of present colours is exactly the prompt's;
 - ``shape``: fraction of frames where each prompt object is present with the prompt's shape,
   classified by how much of its bounding box it fills (square ~1, circle ~0.79, triangle ~0.5);
+- ``fill``: graded shape: per frame and prompt object, 1 when its bounding-box fill lies in the
+  prompt shape's band, falling linearly to 0 at ``FILL_SLACK`` outside it (0 when the object is
+  missing); the mean over frames and objects. It rises as a blob gets squarer while ``shape`` is
+  still 0, so groups of square prompts that all fail ``shape`` still rank their videos;
 - ``motion`` (level 1): 1 when the object's centroid moved at least ``MIN_MOTION`` px from its
   first to its last present frame, mostly along the prompt's direction; else 0;
 - ``relation`` (level 2): fraction of frames where both objects are present and the first is
@@ -45,9 +49,11 @@ MIN_SEPARATION = 4.0  # px along the relation's axis; the renderer places centre
 # bounding-box fill above which a blob is a square / a circle: renders fill 1.0 / 0.78-0.81 / 0.5-0.55,
 # the Shapes VAE's reconstructions 0.90-1.0 / 0.78-0.86 / 0.50-0.58 (5th-95th percentiles)
 SQUARE_FILL, CIRCLE_FILL = 0.88, 0.68
+FILL_BAND = {"square": (SQUARE_FILL, 1.0), "circle": (CIRCLE_FILL, SQUARE_FILL), "triangle": (0.0, CIRCLE_FILL)}
+FILL_SLACK = 0.5  # the base's squares fill 0.3-0.8 of their boxes: a narrower ramp would leave them all at 0
 CLEAN_MARGIN = 2  # px around an object's bounding box where blurred edges are not counted against ``clean``
-COMPONENTS = ("colour", "shape", "motion", "relation", "partial", "accuracy", "clean")
-TRAINABLE = ("accuracy", "partial", "colour", "shape", "clean")  # defined for every prompt of both levels
+COMPONENTS = ("colour", "shape", "fill", "motion", "relation", "partial", "accuracy", "clean")
+TRAINABLE = ("accuracy", "partial", "colour", "shape", "fill", "clean")  # defined for every prompt of both levels
 
 
 @dataclass(frozen=True)
@@ -61,9 +67,20 @@ class Blob:
     cx: float
 
     @property
+    def fill(self) -> float:
+        return self.area / ((self.bottom - self.top + 1) * (self.right - self.left + 1))
+
+    @property
     def shape(self) -> str:
-        fill = self.area / ((self.bottom - self.top + 1) * (self.right - self.left + 1))
-        return "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+        return "square" if self.fill >= SQUARE_FILL else "circle" if self.fill >= CIRCLE_FILL else "triangle"
+
+
+def fill_score(blob: Blob | None, shape: str) -> float:
+    """1 inside ``shape``'s fill band, linearly down to 0 at ``FILL_SLACK`` outside it; 0 without a blob."""
+    if blob is None:
+        return 0.0
+    low, high = FILL_BAND[shape]
+    return max(0.0, 1.0 - max(low - blob.fill, blob.fill - high, 0.0) / FILL_SLACK)
 
 
 def label_pixels(video: np.ndarray) -> np.ndarray:
@@ -125,7 +142,7 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
     """Every component of one (F, H, W, 3) uint8 video for one parsed prompt."""
     labels = label_pixels(video)
     wanted = {COLOUR_INDEX[o.colour] for o in scene.objects}
-    colour, shape, relation, together, clean = [], [], [], [], []
+    colour, shape, fill, relation, together, clean = [], [], [], [], [], []
     track = []
     for frame in labels:
         present = {c for c in range(1, len(PALETTE)) if (frame == c).sum() >= MIN_AREA}
@@ -135,6 +152,7 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
         rel_ok = scene.level == 1 or (None not in blobs and _relation_holds(scene.relation, *blobs))
         colour.append(colour_ok)
         shape.append(shape_ok)
+        fill.append(np.mean([fill_score(b, o.shape) for b, o in zip(blobs, scene.objects)]))
         relation.append(rel_ok)
         together.append(colour_ok and shape_ok and rel_ok)
         clean.append(_clean_fraction(frame, blobs))
@@ -145,8 +163,8 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
     colour_mean, shape_mean = float(np.mean(colour)), float(np.mean(shape))
     relation_mean = float(np.mean(relation)) if scene.level == 2 else float("nan")
     action = motion if scene.level == 1 else relation_mean
-    return {"colour": colour_mean, "shape": shape_mean, "motion": motion, "relation": relation_mean,
-            "partial": (colour_mean + shape_mean + action) / 3,
+    return {"colour": colour_mean, "shape": shape_mean, "fill": float(np.mean(fill)), "motion": motion,
+            "relation": relation_mean, "partial": (colour_mean + shape_mean + action) / 3,
             "accuracy": float(accurate), "clean": float(np.mean(clean))}
 
 
