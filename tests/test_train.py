@@ -154,12 +154,29 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, capsys):
     # a leftover temp folder (a crash mid-save) is ignored by --resume auto
     (part_dir / ".checkpoint-3.tmp999").mkdir()
     _, resumed = train(tmp_path, "part", *common, "--resume", "auto")
+    _assert_same_run(full_dir, full, part_dir, resumed, step=4)
+
+
+def test_resume_when_an_expert_has_had_no_gradient(tmp_path):
+    """--sde_window 0:1 trains only the first (high-noise) step, so transformer_2 has no optimizer state
+    when the checkpoint is written; resuming must not expect one (it raised 'Missing key ... step')."""
+    common = ("--lora_rank", "0", "--learning_rate", "1e-2", "--num_epochs", "10", "--sde_window", "0:1")
+    full_dir, full = train(tmp_path, "full", *common, "--max_steps", "2", "--save_interval", "1")
+    low = [load_file(full_dir / f"checkpoint-{n}" / "transformer_2" / "diffusion_pytorch_model.safetensors")
+           for n in (1, 2)]
+    assert all(torch.equal(low[0][k], low[1][k]) for k in low[0])  # the premise: no gradient reached it
+    part_dir, _ = train(tmp_path, "part", *common, "--max_steps", "1")
+    _, resumed = train(tmp_path, "part", *common, "--max_steps", "2", "--resume", "auto")
+    _assert_same_run(full_dir, full, part_dir, resumed, step=2)
+
+
+def _assert_same_run(full_dir, full, part_dir, resumed, *, step):
     timing = {"rollout_seconds", "reward_seconds", "train_seconds"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(full)
     for sub in ("transformer", "transformer_2"):
-        a = load_file(full_dir / "checkpoint-4" / sub / "diffusion_pytorch_model.safetensors")
-        b = load_file(part_dir / "checkpoint-4" / sub / "diffusion_pytorch_model.safetensors")
+        a = load_file(full_dir / f"checkpoint-{step}" / sub / "diffusion_pytorch_model.safetensors")
+        b = load_file(part_dir / f"checkpoint-{step}" / sub / "diffusion_pytorch_model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 

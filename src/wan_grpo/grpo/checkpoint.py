@@ -321,6 +321,12 @@ def load_checkpoint(path: Path, policy) -> dict:
         to_load["old"] = policy.old  # loaded in place
     elif state.get("old_policy"):
         raise UserError(f"{path} is an nft run's checkpoint; resume it with --algorithm nft")
+    # a parameter that had no gradient before the save (e.g. an expert --sde_window never reaches) has no
+    # optimizer state in it; it gets none here either, as in the run that was saved
+    saved = {k.removeprefix("optim.state.").rsplit(".", 1)[0]
+             for k in dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
+             if k.startswith("optim.state.")}
+    optim_sd["state"] = {fqn: s for fqn, s in optim_sd["state"].items() if fqn in saved}
     dcp.load(to_load, checkpoint_id=str(path / "dcp"))
     set_state_dict(modules, policy.optimizer, model_state_dict=to_load["model"],
                    optim_state_dict=to_load["optim"], options=SHARDED)
