@@ -190,6 +190,8 @@ def test_fill_grades_shape_where_the_shape_check_is_all_or_nothing():
     assert fill_score(box, "square") == pytest.approx(1 - (0.88 - 0.8) / FILL_SLACK)
     assert fill_score(box, "triangle") == pytest.approx(1 - (0.8 - 0.68) / FILL_SLACK)
     assert fill_score(None, "circle") == 0.0
+    sliver = Blob(area=20, top=0, left=0, bottom=9, right=9, cy=4.5, cx=4.5)  # fills 0.2: a line, not a triangle
+    assert fill_score(sliver, "triangle") == pytest.approx(1 - (0.4 - 0.2) / FILL_SLACK)
     for level in (1, 2):
         for i, scene in enumerate(_sample_scenes(level, 12, seed=9 + level)):
             assert score_video(render(scene, i), scene)["fill"] == 1.0

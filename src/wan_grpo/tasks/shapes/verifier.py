@@ -49,7 +49,8 @@ MIN_SEPARATION = 4.0  # px along the relation's axis; the renderer places centre
 # bounding-box fill above which a blob is a square / a circle: renders fill 1.0 / 0.78-0.81 / 0.5-0.55,
 # the Shapes VAE's reconstructions 0.90-1.0 / 0.78-0.86 / 0.50-0.58 (5th-95th percentiles)
 SQUARE_FILL, CIRCLE_FILL = 0.88, 0.68
-FILL_BAND = {"square": (SQUARE_FILL, 1.0), "circle": (CIRCLE_FILL, SQUARE_FILL), "triangle": (0.0, CIRCLE_FILL)}
+# a triangle's band stops at 0.4 (renders fill 0.5-0.58) so a trained sliver or line earns no full credit
+FILL_BAND = {"square": (SQUARE_FILL, 1.0), "circle": (CIRCLE_FILL, SQUARE_FILL), "triangle": (0.4, CIRCLE_FILL)}
 FILL_SLACK = 0.5  # the base's squares fill 0.3-0.8 of their boxes: a narrower ramp would leave them all at 0
 CLEAN_MARGIN = 2  # px around an object's bounding box where blurred edges are not counted against ``clean``
 COMPONENTS = ("colour", "shape", "fill", "motion", "relation", "partial", "accuracy", "clean")
