@@ -170,6 +170,40 @@ def test_resume_when_an_expert_has_had_no_gradient(tmp_path):
     _assert_same_run(full_dir, full, part_dir, resumed, step=2)
 
 
+def test_load_sharded_leaves_a_parameter_without_gradient_stateless(tmp_path):
+    """After the resume, the expert that had no gradient starts Adam from scratch when one arrives, exactly
+    as the uninterrupted run does (a zero placeholder state would carry step 1 and change its update)."""
+    import torch.distributed.checkpoint as dcp
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from wan_grpo.grpo.checkpoint import SHARDED, load_sharded
+
+    def make():
+        torch.manual_seed(0)
+        experts = nn.ModuleDict({"high": nn.Linear(3, 3), "low": nn.Linear(3, 3)})
+        return experts, torch.optim.AdamW(experts.parameters(), lr=0.1, weight_decay=0.01)
+
+    def step(experts, optimizer, both):
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(1))
+        loss = experts["high"](x).sum() + (experts["low"](x).sum() if both else 0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    straight, straight_opt = make()
+    step(straight, straight_opt, both=False)  # only "high" has state when the checkpoint is written
+    model_sd, optim_sd = get_state_dict(straight, straight_opt, options=SHARDED)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp_path))
+    resumed, resumed_opt = make()
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt, options=SHARDED)
+    load_sharded(resumed, resumed_opt, {"model": model_sd, "optim": optim_sd}, tmp_path)
+    assert len(resumed_opt.state) == len(straight_opt.state) == 2  # high's weight and bias
+    for experts, optimizer in ((straight, straight_opt), (resumed, resumed_opt)):
+        step(experts, optimizer, both=True)
+    assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), resumed.parameters()))
+
+
 def _assert_same_run(full_dir, full, part_dir, resumed, *, step):
     timing = {"rollout_seconds", "reward_seconds", "train_seconds"}
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731

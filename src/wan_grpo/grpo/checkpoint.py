@@ -286,9 +286,9 @@ def prompts_record(prompts: list[str]) -> dict:
     return {"count": len(prompts), "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
 
 
-def check_resumable(path: Path, cfg, prompts: list[str], flag: str) -> None:
-    """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds or
-    ``prompts`` (given by ``flag``) is not the list ``path`` was trained on."""
+def check_resumable(path: Path, cfg) -> dict | None:
+    """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds.
+    Returns the checkpoint's prompt-list record (None in checkpoints older than it) for check_same_prompts."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     saved = state.get("config", {})
     checks = [("algorithm", lambda c: c.get("algorithm", "grpo")), ("lora_rank", lambda c: int(c["lora_rank"])),
@@ -301,10 +301,40 @@ def check_resumable(path: Path, cfg, prompts: list[str], flag: str) -> None:
         if name in saved and norm(saved) != norm(vars(cfg)):
             raise UserError(f"--{name} {getattr(cfg, name)!r} differs from {path}'s {saved[name]!r}; resume with "
                             f"--{name} {saved[name]} or start a new --save_dir")
-    record = state.get("prompts")  # absent in checkpoints older than the record
+    return state.get("prompts")
+
+
+def check_same_prompts(record: dict | None, prompts: list[str], flag: str, path: Path) -> None:
+    """One-line error when ``prompts`` (given by ``flag``) is not the list ``path`` was trained on
+    (``record``: check_resumable's return)."""
     if record is not None and record != prompts_record(prompts):
         raise UserError(f"{flag} now gives {len(prompts)} prompts, not the {record['count']} (in that order) {path} "
                         f"was trained on; resume with the same {flag} or start a new --save_dir")
+
+
+def load_sharded(modules, optimizer, to_load: dict, dcp_dir: Path) -> None:
+    """Load ``to_load`` (model and optimizer state dicts from get_state_dict, plus anything loaded in place)
+    from ``dcp_dir`` and set it into ``modules`` and ``optimizer``.
+
+    A parameter that had no gradient before the save (e.g. an expert --sde_window never reaches) has no
+    optimizer state there, and must have none after the resume either, as in the run that was saved:
+    get_state_dict gave it a placeholder, which is kept out of the load, marked, and dropped after
+    set_state_dict (which, before torch 2.10, needs an entry for every parameter).
+    """
+    saved = {k.removeprefix("optim.state.").rsplit(".", 1)[0]
+             for k in dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata
+             if k.startswith("optim.state.")}
+    states = to_load["optim"]["state"]
+    unsaved = {fqn: states.pop(fqn) for fqn in list(states) if fqn not in saved}
+    dcp.load(to_load, checkpoint_id=str(dcp_dir))
+    for placeholder in unsaved.values():
+        if "step" in placeholder:  # AdamW's; the trainers' optimizer
+            placeholder["step"] = torch.full_like(torch.as_tensor(placeholder["step"]), -1.0)
+    states.update(unsaved)
+    set_state_dict(modules, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"],
+                   options=SHARDED)
+    for param in [p for p, s in optimizer.state.items() if "step" in s and float(s["step"]) == -1.0]:
+        del optimizer.state[param]
 
 
 def load_checkpoint(path: Path, policy) -> dict:
@@ -321,15 +351,7 @@ def load_checkpoint(path: Path, policy) -> dict:
         to_load["old"] = policy.old  # loaded in place
     elif state.get("old_policy"):
         raise UserError(f"{path} is an nft run's checkpoint; resume it with --algorithm nft")
-    # a parameter that had no gradient before the save (e.g. an expert --sde_window never reaches) has no
-    # optimizer state in it; it gets none here either, as in the run that was saved
-    saved = {k.removeprefix("optim.state.").rsplit(".", 1)[0]
-             for k in dcp.FileSystemReader(str(path / "dcp")).read_metadata().state_dict_metadata
-             if k.startswith("optim.state.")}
-    optim_sd["state"] = {fqn: s for fqn, s in optim_sd["state"].items() if fqn in saved}
-    dcp.load(to_load, checkpoint_id=str(path / "dcp"))
-    set_state_dict(modules, policy.optimizer, model_state_dict=to_load["model"],
-                   optim_state_dict=to_load["optim"], options=SHARDED)
+    load_sharded(modules, policy.optimizer, to_load, path / "dcp")
     policy.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return state

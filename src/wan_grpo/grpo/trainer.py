@@ -42,6 +42,7 @@ from wan_grpo.grpo.advantages import best_of_n, group_advantages
 from wan_grpo.grpo.algorithms import ALGORITHMS, Rollout
 from wan_grpo.grpo.checkpoint import (
     check_resumable,
+    check_same_prompts,
     load_checkpoint,
     prepare_save_dir,
     prompts_record,
@@ -273,7 +274,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_reward_flags(cfg, default=default_reward(cfg.task))
     resume = resolve_resume(cfg.resume, save_dir)
     if resume is not None:
-        check_resumable(resume, cfg, prompts, "--prompts")
+        check_same_prompts(check_resumable(resume, cfg), prompts, "--prompts", resume)
 
     device = resolve_device(cfg.device)
     context_parallel.check_device(cfg.ulysses_size, world_size=int(os.environ.get("WORLD_SIZE", 1)),

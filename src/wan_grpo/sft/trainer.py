@@ -26,6 +26,7 @@ from wan_grpo.distributed import cleanup, init_distributed
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.checkpoint import (
     check_resumable,
+    check_same_prompts,
     load_checkpoint,
     prepare_save_dir,
     prompts_record,
@@ -88,6 +89,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
                         f"{', '.join(e.label for e in trained)}: drop the flag")
     save_dir = Path(cfg.save_dir)
     resume = resolve_resume(cfg.resume, save_dir)
+    record = check_resumable(resume, cfg) if resume is not None else None
     dist = init_distributed(device_type="cpu", need_group=cfg.dit_fsdp)
     if dist.world_size > 1:
         raise UserError("wan-grpo sft runs on one process; launch it without torchrun")
@@ -95,7 +97,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     prompts, videos = load_dataset(cfg.dataset, cfg.captions, width=width, height=height, frame_num=cfg.frame_num,
                                    seed=cfg.seed, videos_per_prompt=cfg.videos_per_prompt)
     if resume is not None:
-        check_resumable(resume, cfg, prompts, "--dataset")
+        check_same_prompts(record, prompts, "--dataset", resume)
     components, cfg, device, dtype = load_model(cfg)
     cache = encode_all(components, sorted(set(prompts)), cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device, offload_experts=cfg.offload_model)
