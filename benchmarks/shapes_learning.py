@@ -133,7 +133,8 @@ def main() -> None:
             run = work / f"{name}-seed{seed}"
             k, n = steps_per_rollout(SETTINGS[name]), rollouts[name]
             every = max(1, n // args.evals)  # a longer rerun resumes the shorter run and adds its checkpoints
-            if not (run / f"checkpoint-{n * k}").is_dir():  # a grid cut short goes on where it stopped
+            done = [int(c.name.split("-")[1]) for c in run.glob("checkpoint-*")]
+            if max(done, default=0) < n * k:  # a grid cut short goes on where it stopped
                 wan_grpo("train", *common, *SETTINGS[name], "--prompts", train_prompts, "--seed", str(seed),
                          "--max_steps", str(n * k), "--num_epochs", "1000",
                          "--save_interval", str(every * k), "--save_dir", str(run), "--resume", "auto")
