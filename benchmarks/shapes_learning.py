@@ -52,6 +52,9 @@ SETTINGS = {
     "nft-high-k3-fill": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
                          "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
                          "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,partial=1,fill=1"],
+    "nft-low-k3-fill": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "low", "--learning_rate",
+                        "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
+                        "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }
@@ -72,8 +75,9 @@ def evaluate(model: list[str], prompts: str, out: Path, samples: int, lora: Path
     """Per-video accuracy, in (prompt, seed) order; the other components' means go to ``MEANS[out]``.
     An eval already in ``out`` of the same prompts, videos per prompt and checkpoint is read, not rerun."""
     done = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else None
-    same = done is not None and {k: done["config"].get(k) for k in ("prompts", "num_samples", "lora")} == {
-        "prompts": prompts, "num_samples": samples, "lora": str(lora) if lora else None}
+    tail = lambda path: Path(path).parts[-2:] if path else None  # noqa: E731 (run/checkpoint: a copied --work counts)
+    same = done is not None and (done["config"].get("prompts"), done["config"].get("num_samples"),
+                                 tail(done["config"].get("lora"))) == (prompts, samples, tail(lora))
     if not same:
         extra = ["--lora", str(lora)] if lora else []
         wan_grpo("eval", *model, "--prompts", prompts, "--num_samples", str(samples), "--save_dir", str(out), *extra)
