@@ -135,17 +135,17 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):  # seeds outermost: a cut-short grid still compares settings
         for name in args.settings.split(","):
             run = work / f"{name}-seed{seed}"
-            k, n = steps_per_rollout(SETTINGS[name]), rollouts[name]
-            every = max(1, n // args.evals)  # a longer rerun resumes the shorter run and adds its checkpoints
+            k, last = steps_per_rollout(SETTINGS[name]), rollouts[name]
+            every = max(1, last // args.evals)  # a longer rerun resumes the shorter run and adds its checkpoints
             done = [int(c.name.split("-")[1]) for c in run.glob("checkpoint-*")]
-            if max(done, default=0) < n * k:  # a grid cut short goes on where it stopped
+            if max(done, default=0) < last * k:  # a grid cut short goes on where it stopped
                 wan_grpo("train", *common, *SETTINGS[name], "--prompts", train_prompts, "--seed", str(seed),
-                         "--max_steps", str(n * k), "--num_epochs", "1000",
+                         "--max_steps", str(last * k), "--num_epochs", "1000",
                          "--save_interval", str(every * k), "--save_dir", str(run), "--resume", "auto")
             per_rollout = {r["rollout"]: r for r in read_metrics(run)}  # k rows per rollout share its timings
             for ckpt in sorted(run.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1])):
                 step = int(ckpt.name.split("-")[1]) // k  # rollouts
-                if step > n:  # a longer earlier run in the same --work
+                if step > last:  # a longer earlier run in the same --work
                     continue
                 minutes = sum(r["rollout_seconds"] + r["reward_seconds"] + r["train_seconds"]
                               for n, r in per_rollout.items() if n <= step) / 60
