@@ -72,12 +72,100 @@ def test_at_the_old_policy_the_gradient_pulls_good_samples_in_and_pushes_bad_one
         torch.testing.assert_close(v.grad[b], 5.0 * sign * u.grad[b], rtol=1e-10, atol=1e-12)
 
 
+def test_with_r_and_beta_one_the_gradient_is_the_flow_matching_gradient_scaled():
+    """r = 1, b = 1: v+ = v, so the loss is c * ||x_t - t v - x0||^2 / w with w the detached mean |error|,
+    and x_t - t v - x0 = -t (v - (noise - x0)): the gradient is sft's flow-matching gradient on the same
+    x_t times c t^2 / w, per sample, at any v (not only at the old policy)."""
+    from wan_grpo.sft.loss import flow_matching_loss
+
+    g = torch.Generator().manual_seed(2)
+    x0, noise, v_old = (torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([0.9, 0.5, 0.2], dtype=torch.float64)
+    x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+    v = torch.randn(SHAPE, generator=g, dtype=torch.float64, requires_grad=True)
+    c = 5.0
+    nft_loss(v, v_old, x_t, x0, t, torch.ones(3, dtype=torch.float64), beta=1.0, clip_max=c).loss.sum().backward()
+    u = v.detach().clone().requires_grad_(True)
+    flow_matching_loss(u, x0, noise).sum().backward()  # sft's loss (float32 inside)
+    w = (x_t - t.view(-1, 1, 1, 1, 1) * v.detach() - x0).abs().mean(dim=(1, 2, 3, 4))
+    for b in range(3):
+        torch.testing.assert_close(v.grad[b], (c * t[b] ** 2 / w[b]) * u.grad[b].double(), rtol=1e-5, atol=1e-9)
+    assert v.grad.abs().sum() > 0
+
+
 def test_reward_weight_and_decay_schedules():
     adv = torch.tensor([-10.0, -5.0, 0.0, 2.5, 5.0, 10.0])
     assert reward_weight(adv, 5.0).tolist() == [0.0, 0.0, 0.5, 0.75, 1.0, 1.0]
     assert [old_decay(k, 0) for k in (0, 100)] == [0.0, 0.0]
     assert [old_decay(k, 1) for k in (0, 100, 1000)] == pytest.approx([0.0, 0.1, 0.5])
     assert [old_decay(k, 2) for k in (0, 75, 175, 10_000)] == pytest.approx([0.0, 0.0, 0.75, 0.999])
+
+
+def _nft_parts(tiny_components):
+    import copy
+
+    from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.grpo.policy import build_policy
+    from wan_grpo.models.denoiser import MoEDenoiser
+
+    c = copy.deepcopy(tiny_components)
+    cfg = TrainConfig(task="tiny", algorithm="nft", lora_rank=0, learning_rate=1e-3, timestep_fraction=1.0,
+                      train_batch_size=8)
+    policy = build_policy(c, cfg, device=torch.device("cpu"))
+    policy.keep_old_copy()
+    return c, cfg, policy, MoEDenoiser(c, guidance_scale=1.0)
+
+
+@pytest.mark.parametrize("levels", ["high", "low", "both"])
+def test_nft_update_trains_each_noise_level_with_the_expert_that_owns_it(tiny_components, levels):
+    """The update's owners are sampling's routing (denoiser.expert_index): levels at or above the boundary
+    move only `transformer`, those below only `transformer_2`, and every row is counted for its owner."""
+    from wan_grpo.distributed import DistInfo
+    from wan_grpo.grpo.nft_update import nft_update
+    from wan_grpo.sampling.schedule import flow_match_schedule
+
+    c, cfg, policy, denoiser = _nft_parts(tiny_components)
+    schedule = flow_match_schedule(6, shift=5.0)
+    owners = torch.tensor([denoiser.expert_index(float(t)) for t in schedule.timesteps], dtype=torch.long)
+    keep = {"high": owners == 0, "low": owners == 1, "both": torch.ones_like(owners, dtype=torch.bool)}[levels]
+    assert keep.any() and (levels != "both" or (owners == 0).any() and (owners == 1).any())
+    timesteps, owners = schedule.timesteps[keep], owners[keep]
+    sigmas = torch.cat([schedule.sigmas[:-1][keep], torch.zeros(1)])
+    before = {name: {k: v.clone() for k, v in getattr(c, name).state_dict().items()}
+              for name in ("transformer", "transformer_2")}
+    n = 4
+    cond = torch.randn(n, 512, 32, generator=torch.Generator().manual_seed(1))
+    x0 = torch.randn(n, 16, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    [stats] = nft_update(denoiser, policy, x0, list(range(n)), torch.tensor([1.0, -1.0, 0.5, -0.5]), torch.ones(n),
+                         cond, timesteps=timesteps, sigmas=sigmas, owners=owners, cfg=cfg, dist=DistInfo(),
+                         device=torch.device("cpu"))
+    changed = {name: any(not torch.equal(v, before[name][k]) for k, v in getattr(c, name).state_dict().items())
+               for name in before}
+    for label, name, slot in (("high", "transformer", 0), ("low", "transformer_2", 1)):
+        rows = n * int((owners == slot).sum())
+        assert stats.trained_steps[label] == rows
+        assert changed[name] == (rows > 0) and (stats.grad_norm[label] > 0) == (rows > 0)
+
+
+def test_soft_update_of_the_old_policy_matches_its_formula(tiny_components):
+    """old <- d old + (1 - d) new, parameter by parameter; old_weights() swaps the old values in and puts the
+    current ones back bit for bit."""
+    _, _, policy, _ = _nft_parts(tiny_components)
+    params = dict(policy.trained_named_parameters())
+    old = {k: v.clone() for k, v in policy.old.items()}
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    new = {k: p.detach().clone() for k, p in params.items()}
+    policy.soft_update_old(0.3)
+    for k in params:
+        torch.testing.assert_close(policy.old[k].double(), 0.3 * old[k].double() + 0.7 * new[k].double(),
+                                   rtol=1e-6, atol=1e-6)
+    with policy.old_weights():
+        assert all(torch.equal(p, policy.old[k]) for k, p in params.items())
+    assert all(torch.equal(p, new[k]) for k, p in params.items())
+    policy.soft_update_old(0.0)  # DiffusionNFT's decay type 0: the old policy is the new one
+    assert all(torch.equal(policy.old[k], new[k]) for k in params)
 
 
 # ----------------------------------------------------------------------------- runs
