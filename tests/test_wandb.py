@@ -3,6 +3,7 @@ resolved config; read back from the run's own .wandb file (W&B's record log of p
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ def records(path: Path):
             pos += block - pos % block
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk the writer has not finished
+            return
         payload += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST
@@ -30,6 +33,24 @@ def records(path: Path):
             record.ParseFromString(payload)
             yield record
             payload = b""
+
+
+def finished_records(path: Path, timeout: float = 60.0) -> list:
+    """The run's records once W&B's writer, a separate service process, has written its exit record:
+    wandb.finish() can return before the file is complete on a busy machine (a truncated file read too
+    early showed no history, or a half-written chunk that does not parse)."""
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = list(records(path))
+            if any(r.WhichOneof("record_type") == "exit" for r in found):
+                return found
+        except DecodeError:
+            pass
+        assert time.monotonic() < deadline, f"{path} got no exit record in {timeout} s"
+        time.sleep(0.2)
 
 
 def test_offline_wandb_run_gets_the_scalars_videos_and_config(tmp_path, monkeypatch):
@@ -42,7 +63,7 @@ def test_offline_wandb_run_gets_the_scalars_videos_and_config(tmp_path, monkeypa
     files = list((save_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history, config, videos = {}, {}, 0
-    for record in records(files[0]):
+    for record in finished_records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): i.value_json for i in record.history.item}
