@@ -53,6 +53,10 @@ SETTINGS = {
                  "--timestep_fraction", "1.0", "--train_batch_size", "32"],
     "nft-high-k3": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
                     "--timestep_fraction", "1.0", "--train_batch_size", "32", "--optimizer_steps_per_rollout", "3"],
+    # CFG-free rollouts (one model call per step instead of two); evaluations keep the preset's guidance
+    "nft-high-k3-cfg1": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
+                         "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
+                         "--optimizer_steps_per_rollout", "3", "--guidance_scale", "1"],
     "nft-high-k3-partial": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
                             "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
                             "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,partial=1"],
