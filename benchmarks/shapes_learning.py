@@ -29,6 +29,9 @@ from wan_grpo.grpo.metrics import read_metrics
 from wan_grpo.tasks.shapes import BASE_DIR
 
 COMMON = ["--batch_size", "8", "--num_generations", "8", "--tensorboard", "false", "--log_interval", "0"]
+# the NFT setting the others vary by one flag each (a flag given twice would be ambiguous in the record)
+NFT_HIGH_K3 = ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
+               "--timestep_fraction", "1.0", "--train_batch_size", "32", "--optimizer_steps_per_rollout", "3"]
 SETTINGS = {
     "grpo": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4"],
     "grpo-window": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_window", "0:3"],
@@ -51,18 +54,11 @@ SETTINGS = {
             "--train_batch_size", "32"],
     "nft-high": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
                  "--timestep_fraction", "1.0", "--train_batch_size", "32"],
-    "nft-high-k3": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
-                    "--timestep_fraction", "1.0", "--train_batch_size", "32", "--optimizer_steps_per_rollout", "3"],
+    "nft-high-k3": NFT_HIGH_K3,
     # CFG-free rollouts (one model call per step instead of two); evaluations keep the preset's guidance
-    "nft-high-k3-cfg1": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
-                         "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
-                         "--optimizer_steps_per_rollout", "3", "--guidance_scale", "1"],
-    "nft-high-k3-partial": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
-                            "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
-                            "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,partial=1"],
-    "nft-high-k3-fill": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate",
-                         "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
-                         "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,partial=1,fill=1"],
+    "nft-high-k3-cfg1": [*NFT_HIGH_K3, "--guidance_scale", "1"],
+    "nft-high-k3-partial": [*NFT_HIGH_K3, "--shapes_coefs", "accuracy=1,partial=1"],
+    "nft-high-k3-fill": [*NFT_HIGH_K3, "--shapes_coefs", "accuracy=1,partial=1,fill=1"],
     "nft-low-k3-fill": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "low", "--learning_rate",
                         "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
                         "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,fill=1"],
