@@ -29,26 +29,33 @@ from wan_grpo.grpo.metrics import read_metrics
 from wan_grpo.tasks.shapes import BASE_DIR
 
 COMMON = ["--batch_size", "8", "--num_generations", "8", "--tensorboard", "false", "--log_interval", "0"]
-# the NFT setting the others vary by one flag each (a flag given twice would be ambiguous in the record)
+
+
+def replaced(flags: list[str], **values: str) -> list[str]:
+    """A copy of `flags` with the values of the named flags changed, so no flag is given twice."""
+    out = list(flags)
+    for name, value in values.items():
+        out[out.index(f"--{name}") + 1] = value
+    return out
+
+
+# the base lists the other settings vary (a flag given twice would be ambiguous in the record)
 NFT_HIGH_K3 = ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
                "--timestep_fraction", "1.0", "--train_batch_size", "32", "--optimizer_steps_per_rollout", "3"]
+GRPO = ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4"]
+GRPO_WINDOW = [*GRPO, "--sde_window", "0:3"]
+GUARD = ["--ratio_norm", "true", "--reweight_steps", "true", "--clip_range", "2e-6"]
 SETTINGS = {
-    "grpo": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4"],
-    "grpo-window": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_window", "0:3"],
-    "grpo-dance": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_type", "dance",
-                   "--noise_level", "0.3"],
-    "grpo-cps": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_type", "cps"],
-    "grpo-guard": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--ratio_norm", "true",
-                   "--reweight_steps", "true", "--clip_range", "2e-6"],
-    "grpo-window-lr3e-4": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "3e-4", "--sde_window", "0:3"],
-    "grpo-window-lr1e-3": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-3", "--sde_window", "0:3"],
-    "grpo-window-guard": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_window", "0:3",
-                          "--ratio_norm", "true", "--reweight_steps", "true", "--clip_range", "2e-6"],
-    "grpo-window-k3": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_window", "0:3",
-                       "--optimizer_steps_per_rollout", "3"],
-    "grpo-window-guard-k3": ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4", "--sde_window",
-                             "0:3", "--optimizer_steps_per_rollout", "3", "--ratio_norm", "true", "--reweight_steps",
-                             "true", "--clip_range", "2e-6"],
+    "grpo": GRPO,
+    "grpo-window": GRPO_WINDOW,
+    "grpo-dance": [*GRPO, "--sde_type", "dance", "--noise_level", "0.3"],
+    "grpo-cps": [*GRPO, "--sde_type", "cps"],
+    "grpo-guard": [*GRPO, *GUARD],
+    "grpo-window-lr3e-4": replaced(GRPO_WINDOW, learning_rate="3e-4"),
+    "grpo-window-lr1e-3": replaced(GRPO_WINDOW, learning_rate="1e-3"),
+    "grpo-window-guard": [*GRPO_WINDOW, *GUARD],
+    "grpo-window-k3": [*GRPO_WINDOW, "--optimizer_steps_per_rollout", "3"],
+    "grpo-window-guard-k3": [*GRPO_WINDOW, "--optimizer_steps_per_rollout", "3", *GUARD],
     "grpo-lora": ["--algorithm", "grpo", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3"],
     "nft": ["--algorithm", "nft", "--lora_rank", "0", "--learning_rate", "1e-4", "--timestep_fraction", "0.3",
             "--train_batch_size", "32"],
@@ -59,9 +66,9 @@ SETTINGS = {
     "nft-high-k3-cfg1": [*NFT_HIGH_K3, "--guidance_scale", "1"],
     "nft-high-k3-partial": [*NFT_HIGH_K3, "--shapes_coefs", "accuracy=1,partial=1"],
     "nft-high-k3-fill": [*NFT_HIGH_K3, "--shapes_coefs", "accuracy=1,partial=1,fill=1"],
-    "nft-low-k3-fill": ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "low", "--learning_rate",
-                        "1e-4", "--timestep_fraction", "1.0", "--train_batch_size", "32",
-                        "--optimizer_steps_per_rollout", "3", "--shapes_coefs", "accuracy=1,fill=1"],
+    "nft-low-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="low"), "--shapes_coefs", "accuracy=1,fill=1"],
+    "nft-high-k3-lr3e-4": replaced(NFT_HIGH_K3, learning_rate="3e-4"),
+    "nft-high-k3-lr1e-3": replaced(NFT_HIGH_K3, learning_rate="1e-3"),
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }
