@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--work", default="runs/shapes-self-teach")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shapes-self-teach-")) if args.smoke else Path(args.work)
+    args.ckpt_dir = str(Path(args.ckpt_dir).resolve())
     train_prompts, split_prompts = f"shapes:{args.level}:train", f"shapes:{args.level}:{args.split}"
     batch = "32"
     if args.smoke:  # the random tiny model on four training prompts; it passes no verifier, so accept all
@@ -82,6 +83,13 @@ def main() -> None:
     else:
         model = sft_model = ["--ckpt_dir", args.ckpt_dir]
 
+    # evals and SFT runs in --work are reused on a rerun, so one --work holds one base's check
+    stamp, key = work / "check.json", {"model": model, "level": args.level, "steps": args.steps, "lr": args.lr,
+                                       "experts": args.experts, "accept": args.accept}
+    if stamp.is_file() and json.loads(stamp.read_text()) != key:
+        raise SystemExit(f"--work {work} holds a check with other settings ({stamp}); pass a new --work")
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(key) + "\n")
     samples = work / "samples"
     evaluate(model, train_prompts, samples, args.samples)
     rows = accepted(samples, args.accept)
