@@ -98,3 +98,28 @@ def test_expert_split_per_shift(tiny_components):
     assert "13 high-noise + 27 low-noise" in describe_split(c, steps=40, shift=3.0, solver="unipc")
     # the Euler/SDE schedule (FlowMatchEulerDiscreteScheduler) ends at a smaller sigma: one step fewer
     assert "25 high-noise + 15 low-noise" in describe_split(c, steps=40, shift=12.0, solver="sde")
+
+
+def test_shapes_base_matches_diffusers_with_its_text_length(tmp_path):
+    """The shipped Shapes base in diffusers: 16-token prompts (its tokenizer's model_max_length) and
+    num_frames=8, since WanPipeline adds a frame when the VAE has no temporal compression. With
+    WanPipeline's default of 512 tokens the zero padding dilutes cross-attention: another model."""
+    from wan_grpo.tasks.shapes import BASE_DIR
+
+    prompt, out = "a red circle moving right", tmp_path / "shapes.safetensors"
+    assert main(["sample", "--ckpt_dir", str(BASE_DIR), "--prompt", prompt, "--seed", str(SEED), "--sampling_steps",
+                 "10", "--output", str(tmp_path / "shapes.mp4"), "--save_latents", str(out)]) == 0
+    ours = load_file(out)["latents"]
+    pipe = WanPipeline.from_pretrained(BASE_DIR)
+    pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe.set_progress_bar_config(disable=True)
+
+    def diffusers_latents(**extra):
+        return pipe(prompt=prompt, negative_prompt="", height=64, width=64, num_frames=8, num_inference_steps=10,
+                    guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent",
+                    **extra).frames
+
+    theirs = diffusers_latents(max_sequence_length=16)
+    assert ours.shape == theirs.shape == (1, 16, 9, 8, 8)
+    assert rel_err(ours, theirs) <= 1e-4
+    assert rel_err(diffusers_latents(), theirs) > 0.1
