@@ -156,3 +156,12 @@ def test_init_lora_errors_are_one_line(tmp_path, capsys, tiny_ckpt):
     argv = ["train", "--ckpt_dir", str(tiny_ckpt), "--reward", "brightness", "--save_dir", str(tmp_path / "r")]
     assert main([*argv, "--init_lora", str(tmp_path / "missing.safetensors")]) == 2
     assert "--init_lora" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_shapes_model_card_says_how_to_call_the_pipeline():
+    """The Shapes model needs 16-token prompts and num_frames=8 in WanPipeline (test_sample_parity checks them)."""
+    from wan_grpo.model_card import model_card
+
+    shapes = model_card({"task": "shapes", "lora_rank": 16, "ckpt_dir": "base"}, 10)
+    assert "max_sequence_length=16" in shapes and "num_frames=8" in shapes
+    assert "max_sequence_length" not in model_card({"task": "t2v-A14B", "lora_rank": 16, "ckpt_dir": "base"}, 10)

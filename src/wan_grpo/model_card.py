@@ -58,4 +58,8 @@ def model_card(cfg: dict, step: int, *, kind: str = "checkpoint", files: list[st
         lines += ["```python", "from diffusers import WanTransformer3DModel",
                   "pipe.transformer = WanTransformer3DModel.from_pretrained('THIS_FOLDER', subfolder='transformer')",
                   "```", "", "Or `wan-grpo sample --ckpt_dir BASE --lora THIS_FOLDER`."]
+    if cfg.get("task") == "shapes" and kind != "comfyui":
+        lines += ["", "Call the pipeline with the Shapes model's prompt length and one frame fewer (WanPipeline adds "
+                  "one when the VAE has no temporal compression): `pipe(prompt, height=64, width=64, num_frames=8, "
+                  "max_sequence_length=16, guidance_scale=4.0)`."]
     return "\n".join(lines) + "\n"
