@@ -35,6 +35,7 @@ def replaced(flags: list[str], **values: str) -> list[str]:
     """A copy of `flags` with the values of the named flags changed, so no flag is given twice."""
     out = list(flags)
     for name, value in values.items():
+        assert out.count(f"--{name}") == 1, f"--{name} must be in {flags} once"
         out[out.index(f"--{name}") + 1] = value
     return out
 

@@ -84,17 +84,17 @@ def main() -> None:
         model = sft_model = ["--ckpt_dir", args.ckpt_dir]
 
     # evals and SFT runs in --work are reused on a rerun, so one --work holds one base's check
-    stamp, key = work / "check.json", {"model": model, "level": args.level, "steps": args.steps, "lr": args.lr,
-                                       "experts": args.experts, "accept": args.accept}
+    stamp, key = work / "check.json", {"model": model, "level": args.level, "samples": args.samples,
+                                       "accept": args.accept, "steps": args.steps, "lr": args.lr,
+                                       "experts": args.experts}
     if stamp.is_file() and json.loads(stamp.read_text()) != key:
         raise SystemExit(f"--work {work} holds a check with other settings ({stamp}); pass a new --work")
-    work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(key) + "\n")
     samples = work / "samples"
     evaluate(model, train_prompts, samples, args.samples)
     rows = accepted(samples, args.accept)
     if not rows:
         raise SystemExit(f"none of the base's {args.samples} samples per prompt passes --accept {args.accept}")
+    stamp.write_text(json.dumps(key) + "\n")  # from here on, --work holds SFT sets and runs of these settings
     write_captions(samples, rows)
     renders = work / "renders"
     if not (renders / "captions.jsonl").is_file():

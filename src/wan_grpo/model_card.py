@@ -59,7 +59,12 @@ def model_card(cfg: dict, step: int, *, kind: str = "checkpoint", files: list[st
                   "pipe.transformer = WanTransformer3DModel.from_pretrained('THIS_FOLDER', subfolder='transformer')",
                   "```", "", "Or `wan-grpo sample --ckpt_dir BASE --lora THIS_FOLDER`."]
     if cfg.get("task") == "shapes" and kind != "comfyui":
+        width, _, height = str(cfg.get("size") or "64*64").partition("*")
         lines += ["", "Call the pipeline with the Shapes model's prompt length and one frame fewer (WanPipeline adds "
-                  "one when the VAE has no temporal compression): `pipe(prompt, height=64, width=64, num_frames=8, "
-                  "max_sequence_length=16, guidance_scale=4.0)`."]
+                  "one when the VAE has no temporal compression), with the run's sampler settings: `pipe(prompt, "
+                  f"height={height}, width={width}, num_frames={int(cfg.get('frame_num') or 9) - 1}, "
+                  f"max_sequence_length=16, num_inference_steps={cfg.get('sampling_steps') or 10}, "
+                  f"guidance_scale={cfg.get('guidance_scale') or 4.0})` after `pipe.scheduler = "
+                  "UniPCMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True, "
+                  f"flow_shift={cfg.get('sample_shift') or 3.0})`."]
     return "\n".join(lines) + "\n"
