@@ -30,10 +30,9 @@ from wan_grpo.video import write_mp4
 TINY = ["--task", "tiny", "--size", "64*64", "--frame_num", "9"]
 
 
-def accepted(samples: Path, rule: str) -> list[dict]:
-    """The sampled videos whose component passes ``rule`` ('accuracy>=1'), as SFT rows (video, prompt)."""
+def accepted(videos: list[dict], rule: str) -> list[dict]:
+    """The sampled videos (eval.json's) whose component passes ``rule`` ('accuracy>=1'), as SFT rows."""
     name, _, value = rule.partition(">=")
-    videos = json.loads((samples / "eval.json").read_text())["videos"]
     if not value or name not in videos[0]:
         raise SystemExit(f"--accept {rule}: write COMPONENT>=VALUE with COMPONENT one of {', '.join(videos[0])}")
     return [{"video": v["video"], "prompt": v["prompt"]} for v in videos
@@ -91,7 +90,8 @@ def main() -> None:
         raise SystemExit(f"--work {work} holds a check with other settings ({stamp}); pass a new --work")
     samples = work / "samples"
     evaluate(model, train_prompts, samples, args.samples)
-    rows = accepted(samples, args.accept)
+    drawn = json.loads((samples / "eval.json").read_text())["videos"]
+    rows = accepted(drawn, args.accept)
     if not rows:
         raise SystemExit(f"none of the base's {args.samples} samples per prompt passes --accept {args.accept}")
     stamp.write_text(json.dumps(key) + "\n")  # from here on, --work holds SFT sets and runs of these settings
@@ -103,7 +103,7 @@ def main() -> None:
     evals = [(train_prompts, args.eval_samples, "train")]
     if not args.smoke:  # the split's evals are the same code again: skipped in the smoke run for time
         evals.append((split_prompts, args.split_samples, args.split))
-    n_prompts = len({v["prompt"] for v in json.loads((samples / "eval.json").read_text())["videos"]})
+    n_prompts = len({v["prompt"] for v in drawn})
     lines = [f"Level {args.level}: {len(rows)} of {args.samples} x {n_prompts} samples pass {args.accept}; "
              f"{args.experts} expert(s), {args.steps} steps at lr {args.lr}", "",
              f"| fine-tuned on | training prompts accuracy | components | {args.split} accuracy | components |",

@@ -161,7 +161,8 @@ def test_init_lora_errors_are_one_line(tmp_path, capsys, tiny_ckpt):
 def test_shapes_model_card_says_how_to_call_the_pipeline():
     """The Shapes model needs 16-token prompts and num_frames=8 in WanPipeline (test_sample_parity checks them)."""
     from wan_grpo.model_card import model_card
+    from wan_grpo.tasks.shapes import BASE_DIR
 
-    shapes = model_card({"task": "shapes", "lora_rank": 16, "ckpt_dir": "base"}, 10)
+    shapes = model_card({"task": "shapes", "lora_rank": 16, "ckpt_dir": str(BASE_DIR)}, 10)
     assert "max_sequence_length=16" in shapes and "num_frames=8" in shapes
     assert "max_sequence_length" not in model_card({"task": "t2v-A14B", "lora_rank": 16, "ckpt_dir": "base"}, 10)

@@ -59,12 +59,30 @@ def model_card(cfg: dict, step: int, *, kind: str = "checkpoint", files: list[st
                   "pipe.transformer = WanTransformer3DModel.from_pretrained('THIS_FOLDER', subfolder='transformer')",
                   "```", "", "Or `wan-grpo sample --ckpt_dir BASE --lora THIS_FOLDER`."]
     if cfg.get("task") == "shapes" and kind != "comfyui":
-        width, _, height = str(cfg.get("size") or "64*64").partition("*")
-        lines += ["", "Call the pipeline with the Shapes model's prompt length and one frame fewer (WanPipeline adds "
-                  "one when the VAE has no temporal compression), with the run's sampler settings: `pipe(prompt, "
-                  f"height={height}, width={width}, num_frames={int(cfg.get('frame_num') or 9) - 1}, "
-                  f"max_sequence_length=16, num_inference_steps={cfg.get('sampling_steps') or 10}, "
-                  f"guidance_scale={cfg.get('guidance_scale') or 4.0})` after `pipe.scheduler = "
-                  "UniPCMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True, "
-                  f"flow_shift={cfg.get('sample_shift') or 3.0})`."]
+        lines += ["", _shapes_pipeline_call(cfg)]
     return "\n".join(lines) + "\n"
+
+
+def _shapes_pipeline_call(cfg: dict) -> str:
+    """WanPipeline's call for a Shapes run: the base tokenizer's prompt length (WanPipeline pads to 512
+    tokens otherwise), one frame fewer, and the run's sampler settings (the preset's where unset)."""
+    from pathlib import Path
+
+    from wan_grpo.models.loading import text_length
+    from wan_grpo.specs import PRESETS
+
+    preset = PRESETS["shapes"]
+
+    def setting(name: str, default):
+        return cfg.get(name) or default
+
+    width, _, height = str(setting("size", preset.size)).partition("*")
+    text_len = text_length(Path(str(cfg.get("ckpt_dir"))) / "tokenizer")
+    return ("Call the pipeline with the Shapes model's prompt length and one frame fewer (WanPipeline adds one "
+            "when the VAE has no temporal compression), with the run's sampler settings: `pipe(prompt, "
+            f"height={height}, width={width}, num_frames={int(setting('frame_num', preset.frame_num)) - 1}, "
+            f"max_sequence_length={text_len}, num_inference_steps={setting('sampling_steps', preset.sampling_steps)}, "
+            f"guidance_scale={setting('guidance_scale', preset.guidance_scale)}, "
+            f"guidance_scale_2={setting('guidance_scale_2', preset.guidance_scale_2)})` after `pipe.scheduler = "
+            "UniPCMultistepScheduler(prediction_type='flow_prediction', use_flow_sigmas=True, "
+            f"flow_shift={setting('sample_shift', preset.shift)})`.")
