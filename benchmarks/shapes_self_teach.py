@@ -24,19 +24,29 @@ from shapes_learning import _components, _cpu, evaluate, stderr, wan_grpo
 
 from wan_grpo.tasks.shapes import BASE_DIR
 from wan_grpo.tasks.shapes.splits import load_split
+from wan_grpo.tasks.shapes.verifier import COMPONENTS
 from wan_grpo.tasks.shapes.world import parse, render
 from wan_grpo.video import write_mp4
 
 TINY = ["--task", "tiny", "--size", "64*64", "--frame_num", "9"]
 
 
-def accepted(videos: list[dict], rule: str) -> list[dict]:
-    """The sampled videos (eval.json's) whose component passes ``rule`` ('accuracy>=1'), as SFT rows."""
+def accept_rule(rule: str) -> tuple[str, float]:
+    """--accept 'accuracy>=1' -> ('accuracy', 1.0), checked before any sampling."""
     name, _, value = rule.partition(">=")
-    if not value or name not in videos[0]:
-        raise SystemExit(f"--accept {rule}: write COMPONENT>=VALUE with COMPONENT one of {', '.join(videos[0])}")
-    return [{"video": v["video"], "prompt": v["prompt"]} for v in videos
-            if v[name] is not None and v[name] >= float(value)]
+    try:
+        bound = float(value)
+    except ValueError:
+        bound = float("nan")
+    if bound != bound or name not in COMPONENTS:
+        raise SystemExit(f"--accept {rule}: write COMPONENT>=VALUE with a number VALUE and COMPONENT one of "
+                         f"{', '.join(COMPONENTS)}")
+    return name, bound
+
+
+def accepted(videos: list[dict], name: str, bound: float) -> list[dict]:
+    """The sampled videos (eval.json's) whose component ``name`` is at least ``bound``, as SFT rows."""
+    return [{"video": v["video"], "prompt": v["prompt"]} for v in videos if v[name] is not None and v[name] >= bound]
 
 
 def write_captions(folder: Path, rows: list[dict]) -> None:
@@ -81,6 +91,7 @@ def main() -> None:
         model, sft_model = [*TINY, "--reward", "shapes", "--sampling_steps", "4"], TINY
     else:
         model = sft_model = ["--ckpt_dir", args.ckpt_dir]
+    rule = accept_rule(args.accept)
 
     # evals and SFT runs in --work are reused on a rerun, so one --work holds one base's check
     stamp, key = work / "check.json", {"model": model, "level": args.level, "samples": args.samples,
@@ -91,7 +102,7 @@ def main() -> None:
     samples = work / "samples"
     evaluate(model, train_prompts, samples, args.samples)
     drawn = json.loads((samples / "eval.json").read_text())["videos"]
-    rows = accepted(drawn, args.accept)
+    rows = accepted(drawn, *rule)
     if not rows:
         raise SystemExit(f"none of the base's {args.samples} samples per prompt passes --accept {args.accept}")
     stamp.write_text(json.dumps(key) + "\n")  # from here on, --work holds SFT sets and runs of these settings
