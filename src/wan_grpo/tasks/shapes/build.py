@@ -17,6 +17,7 @@
 4. The result is written atomically to ``--out`` with its build card (build.json).
 
 ``python -m wan_grpo.tasks.shapes.build --out DIR [--work DIR] [--vae_steps N] [--stage EXPERTS:STEPS:LR:VPP ...]``
+(``-h`` lists the rest: a Wan-style 4x VAE, a warm start, the experts' patch size)
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_di
                   out_channels=16, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=4, cross_attn_norm=True,
                   qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
 SEED = 0
+
+
+def vae_config(time_stride: int = 1, z_dim: int = 16) -> dict:
+    """The build's VAE; ``time_stride`` 4 compresses time as Wan2.2's VAEs do (9 frames -> 3 latent frames)."""
+    temporal = {1: [False, False, False], 2: [False, True, False], 4: [False, True, True]}[time_stride]
+    return dict(VAE_CONFIG, z_dim=z_dim, temperal_downsample=temporal, scale_factor_temporal=time_stride)
+
+
+def warm_start(vae: AutoencoderKLWan, folder: str) -> list[str]:
+    """Copy every weight of the VAE in ``folder`` (a model folder or its vae/) whose name and shape match
+    ``vae``'s; returns the names left as initialised (e.g. time convolutions a stride-1 VAE lacks)."""
+    path = Path(folder)
+    donor = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae" if (path / "vae").is_dir() else None)
+    own, theirs = vae.state_dict(), donor.state_dict()
+    vae.load_state_dict({k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}, strict=False)
+    return sorted(k for k in own if k not in theirs or theirs[k].shape != own[k].shape)
 
 
 @dataclass(frozen=True)
@@ -110,13 +127,40 @@ def _crops(rng: np.random.Generator, scenes, n: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(crops)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
 
 
-def train_vae(steps: int, *, seed: int = SEED, batch: int = 8, lr: float = 3e-3, on_step=None) -> AutoencoderKLWan:
+def _round_trip(vae: AutoencoderKLWan, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent mean, unclamped reconstruction) with gradients. Without temporal downsampling the causal
+    convolutions see the whole clip at once; with it, time only shrinks on ``encode``/``decode``'s own
+    cached path (the first frame, then chunks of 4 in; one latent frame at a time out), so that path is
+    replayed here, less the final clamp that would stop gradients."""
+    if vae.config.scale_factor_temporal == 1:
+        mu = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)[0]
+        return mu, vae.decoder(vae.post_quant_conv(mu))
+    vae.clear_cache()
+    chunks = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, x.shape[2], 4)]
+    encoded = []
+    for chunk in chunks:
+        vae._enc_conv_idx = [0]
+        encoded.append(vae.encoder(chunk, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+    mu = vae.quant_conv(torch.cat(encoded, 2)).chunk(2, dim=1)[0]
+    z, decoded = vae.post_quant_conv(mu), []
+    for i in range(z.shape[2]):
+        vae._conv_idx = [0]
+        decoded.append(vae.decoder(z[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                   first_chunk=i == 0))
+    vae.clear_cache()
+    return mu, torch.cat(decoded, 2)
+
+
+def train_vae(steps: int, *, seed: int = SEED, batch: int = 8, lr: float = 3e-3, on_step=None,
+              config: dict | None = None, init: str | None = None) -> AutoencoderKLWan:
     """MSE reconstruction of whole clips (object pixels weighted 5x: they are a few % of a frame), Adam,
-    one-cycle LR. Encoder and decoder run on all frames at once; their causal convolutions pad the first
-    frame with zeros, exactly as ``encode``/``decode`` do frame by frame."""
+    one-cycle LR, through ``_round_trip`` (what ``encode``/``decode`` give). ``config`` is the VAE's
+    (default ``VAE_CONFIG``); ``init`` a model folder to warm-start from (``warm_start``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(**VAE_CONFIG)
+        vae = AutoencoderKLWan(**(config or VAE_CONFIG))
+        if init is not None:
+            log.info("VAE warm-started from %s; new: %s", init, ", ".join(warm_start(vae, init)) or "none")
         rng = np.random.default_rng(seed)
         scenes = all_scenes(1) + all_scenes(2)
         opt = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -124,8 +168,7 @@ def train_vae(steps: int, *, seed: int = SEED, batch: int = 8, lr: float = 3e-3,
         background = torch.tensor(BACKGROUND).float().view(1, 3, 1, 1, 1) / 127.5 - 1
         for step in range(steps):
             x = _crops(rng, scenes, batch)
-            mu = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)[0]
-            out = vae.decoder(vae.post_quant_conv(mu))
+            mu, out = _round_trip(vae, x)
             # objects' pixels in any frame weigh 5x: where an object was is where a causal decoder leaves ghosts
             weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.1).any(2, keepdim=True).float()
             loss = (weight * (out - x) ** 2).mean()
@@ -172,12 +215,15 @@ def reconstruction_report(vae: AutoencoderKLWan, *, seed: int = SEED, videos: in
     return report
 
 
-def random_pipeline(vae: AutoencoderKLWan, *, seed: int = SEED, text_steps: int = 300) -> WanPipeline:
-    """Random experts; the text encoder is taught the grammar on the training prompts first."""
+def random_pipeline(vae: AutoencoderKLWan, *, seed: int = SEED, text_steps: int = 300, patch: int = 2) -> WanPipeline:
+    """Random experts (their channels the VAE's); the text encoder is taught the grammar on the training
+    prompts first."""
+    z = vae.config.z_dim
+    config = dict(DIT_CONFIG, in_channels=z, out_channels=z, patch_size=(1, patch, patch))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 10)
-        high, low = WanTransformer3DModel(**DIT_CONFIG), WanTransformer3DModel(**DIT_CONFIG)
+        high, low = WanTransformer3DModel(**config), WanTransformer3DModel(**config)
     tokenizer, encoder = shapes_tokenizer(), shapes_text_encoder(seed + 20)
     losses = pretrain_text_encoder(encoder, tokenizer, load_split(1, "train") + load_split(2, "train"),
                                    steps=text_steps, seed=seed + 30)
@@ -213,9 +259,21 @@ def main(argv: list[str] | None = None) -> int:
                              f"{' '.join(st.label() for st in STAGES)}). EXPERTS: high, low or both.")
     parser.add_argument("--dataset", default="shapes", help="sft --dataset (shapes:1 for a quick test build).")
     parser.add_argument("--vae_from", help="Reuse the trained VAE of an earlier build (its work/init folder).")
+    parser.add_argument("--vae_time_stride", type=int, default=1, choices=(1, 2, 4),
+                        help="Frames per latent frame (Wan2.2's VAEs: 4; the shipped Shapes VAE: 1).")
+    parser.add_argument("--vae_lr", type=float, default=3e-3, help="Peak one-cycle learning rate of the VAE.")
+    parser.add_argument("--vae_z_dim", type=int, default=16, help="Latent channels of a trained VAE.")
+    parser.add_argument("--vae_init", help="Start the VAE from the weights of an earlier one (a model folder) "
+                                           "wherever names and shapes match.")
+    parser.add_argument("--patch", type=int, default=2, choices=(1, 2),
+                        help="The experts' spatial patch size: 2 gives a 64*64 frame 4*4 tokens, 1 gives 8*8.")
     parser.add_argument("--vae_check_videos", type=int, default=32,
                         help="Held-out renders per level whose VAE round trips the build card scores.")
     args = parser.parse_args(argv)
+    if args.vae_from and (args.vae_init or args.vae_time_stride != 1 or args.vae_z_dim != 16):
+        parser.error("--vae_from reuses a trained VAE as it is: drop --vae_init, --vae_time_stride and --vae_z_dim")
+    if args.vae_init and not any((Path(args.vae_init) / sub / "config.json").is_file() for sub in ("vae", ".")):
+        parser.error(f"--vae_init {args.vae_init}: no VAE there (want a model folder with vae/config.json)")
     if args.vae_check_videos < 1:
         parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -233,14 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae_from:
         vae = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae").eval()
     else:
-        vae = train_vae(args.vae_steps, on_step=on_vae_step)
+        vae = train_vae(args.vae_steps, on_step=on_vae_step, init=args.vae_init, lr=args.vae_lr,
+                        config=vae_config(args.vae_time_stride, args.vae_z_dim))
         set_latent_stats(vae)
     vae_report = reconstruction_report(vae, videos=args.vae_check_videos)
     log.info("VAE round trips of held-out renders: %s", vae_report)
     (work / "vae_losses.json").write_text(json.dumps(losses))
     init = work / "init"
     shutil.rmtree(init, ignore_errors=True)
-    save_pipeline(random_pipeline(vae), init)
+    save_pipeline(random_pipeline(vae, patch=args.patch), init)
     stages = tuple(args.stage or STAGES)
     current, final = init, {}
     for i, stage in enumerate(stages):
@@ -258,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         _assemble(init, final, current)
     assembled = out.with_name(f".{out.name}.tmp")
     _assemble(init, final, assembled)
-    card = {"vae_round_trip": vae_report, "vae_steps": args.vae_steps,
+    card = {"vae_round_trip": vae_report, "vae_steps": args.vae_steps, "vae": {
+        k: vae.config[k] for k in ("z_dim", "scale_factor_temporal")}, "patch": args.patch,
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0)}
     if args.vae_from:
         card["vae_from"] = args.vae_from  # build_seconds then leaves out the VAE's training
