@@ -115,13 +115,16 @@ def _train(tmp_path, name, *args):
     return read_metrics(tmp_path / name)
 
 
-def test_guard_off_is_bitwise_the_plain_grpo_run_and_on_centres_the_ratio(tmp_path):
+def test_guard_off_is_the_plain_grpo_run_and_on_centres_the_ratio(tmp_path):
     # recorded under pytest with the code before GRPO-Guard existed (2f270ae) on the CI machine's CPU (x86-64,
-    # torch 2.13.0 CPU wheel): loss, ratio, grad norms of both optimizer steps; compared bitwise
+    # torch 2.13.0 CPU wheel): loss, ratio, grad norms of both optimizer steps. Bitwise then; now to rounding,
+    # since a fresh install pulls newer diffusers/transformers whose kernels round differently (2e-5 relative
+    # on 2026-12-03), while a change of the math would move them by far more
     recorded = [(-8.940696716308594e-08, 1.0, 0.006201024167239666, 0.08129160851240158),
                 (0.015696178656071424, 0.962065652012825, 0.003236567135900259, 0.07711633294820786)]
     rows = _train(tmp_path, "off")
-    assert [(r["loss"], r["ratio_mean"], r["grad_norm_high"], r["grad_norm_low"]) for r in rows] == recorded
+    got = [(r["loss"], r["ratio_mean"], r["grad_norm_high"], r["grad_norm_low"]) for r in rows]
+    assert got == [pytest.approx(row, rel=1e-4, abs=1e-6) for row in recorded]
     # RatioNorm: on policy the ratio is 1; one step later it sits near 1 instead of below it
     guarded = _train(tmp_path, "on", "--ratio_norm", "true", "--reweight_steps", "true")
     assert abs(guarded[0]["ratio_mean"] - 1) <= 1e-6
