@@ -14,6 +14,7 @@ python benchmarks/shapes_self_teach.py [--ckpt_dir DIR] --level 1 --samples 8 --
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -38,7 +39,7 @@ def accept_rule(rule: str) -> tuple[str, float]:
         bound = float(value)
     except ValueError:
         bound = float("nan")
-    if bound != bound or name not in COMPONENTS:
+    if math.isnan(bound) or name not in COMPONENTS:
         raise SystemExit(f"--accept {rule}: write COMPONENT>=VALUE with a number VALUE and COMPONENT one of "
                          f"{', '.join(COMPONENTS)}")
     return name, bound

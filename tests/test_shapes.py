@@ -284,8 +284,8 @@ RECORDED_HIGH = [2.310802459716797, 2.3065998554229736]
 
 def test_a_build_with_a_wan_style_vae_and_patch_one_experts(tmp_path, capsys):
     """--vae_time_stride 4 --vae_init: a VAE that compresses time 4x, as Wan2.2's, warm-started from the
-    shipped one (only its time convolutions new); --patch 1 experts; the model loads and samples 9 frames.
-    --vae_from with a VAE flag is refused before anything is written."""
+    shipped one (only its time convolutions new); --patch 1 experts; the model loads and its VAE takes 9 frames
+    to 3 latent frames and back. Bad VAE flags are refused before anything is written."""
     import json
 
     from wan_grpo.config import SampleConfig
@@ -301,6 +301,10 @@ def test_a_build_with_a_wan_style_vae_and_patch_one_experts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build(["--out", str(out), "--work", str(tmp_path / "bad"), "--vae_init", str(tmp_path / "nowhere")])
     assert "no VAE there" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    for bad in (["--vae_z_dim", "0"], ["--vae_lr", "nan"], ["--vae_lr", "-1"]):
+        with pytest.raises(SystemExit):
+            build(["--out", str(out), "--work", str(tmp_path / "bad"), *bad])
+        assert "want z_dim >= 1 and a finite lr > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert build(["--out", str(out), "--work", str(tmp_path / "work"), "--vae_steps", "2", "--vae_time_stride", "4",
                   "--vae_init", str(BASE_DIR), "--patch", "1", "--stage", "both:2:1e-3:1", "--dataset", "shapes:1",
                   "--vae_check_videos", "1"]) == 0
@@ -327,22 +331,21 @@ def test_vae_warm_start_copies_every_weight_whose_shape_matches():
     assert all(torch.equal(v, shipped[k]) for k, v in vae.state_dict().items() if k not in new)
 
 
-@pytest.mark.parametrize("temporal", [[False, False, False], [False, True, False], [False, True, True]])
-def test_vae_training_round_trip_is_encode_then_decode(temporal):
+@pytest.mark.parametrize("stride", [1, 2, 4])
+def test_vae_training_round_trip_is_encode_then_decode(stride):
     """The build's VAE loss sees what ``encode``/``decode`` give, with or without time compression (a
     Wan-style 4x VAE shrinks time only on their cached path), and its gradient reaches the encoder."""
     from diffusers import AutoencoderKLWan
 
-    from wan_grpo.tasks.shapes.build import VAE_CONFIG, _round_trip
+    from wan_grpo.tasks.shapes.build import _round_trip, vae_config
 
     torch.manual_seed(0)
-    vae = AutoencoderKLWan(**dict(VAE_CONFIG, temperal_downsample=temporal,
-                                  scale_factor_temporal=2 ** sum(temporal))).eval()
+    vae = AutoencoderKLWan(**vae_config(time_stride=stride)).eval()
     x = torch.rand(2, 3, 9, 16, 16) * 2 - 1
     mu, out = _round_trip(vae, x)
     with torch.no_grad():
         z = vae.encode(x).latent_dist.mode()
-        assert mu.shape == z.shape and z.shape[2] == 1 + 8 // 2 ** sum(temporal)
+        assert mu.shape == z.shape and z.shape[2] == 1 + 8 // stride
         torch.testing.assert_close(mu, z, rtol=1e-4, atol=1e-5)  # whole clip vs frame by frame: rounding
         torch.testing.assert_close(out.clamp(-1, 1), vae.decode(z).sample, rtol=1e-4, atol=1e-5)
     out.square().mean().backward()

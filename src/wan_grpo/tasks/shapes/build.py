@@ -60,11 +60,15 @@ def vae_config(time_stride: int = 1, z_dim: int = 16) -> dict:
     return dict(VAE_CONFIG, z_dim=z_dim, temperal_downsample=temporal, scale_factor_temporal=time_stride)
 
 
+def vae_folder(folder: str) -> Path | None:
+    """The folder holding a VAE's config: ``folder``'s vae/ (a model folder) or ``folder`` itself; None if neither."""
+    return next((p for p in (Path(folder) / "vae", Path(folder)) if (p / "config.json").is_file()), None)
+
+
 def warm_start(vae: AutoencoderKLWan, folder: str) -> list[str]:
     """Copy every weight of the VAE in ``folder`` (a model folder or its vae/) whose name and shape match
     ``vae``'s; returns the names left as initialised (e.g. time convolutions a stride-1 VAE lacks)."""
-    path = Path(folder)
-    donor = AutoencoderKLWan.from_pretrained(str(path), subfolder="vae" if (path / "vae").is_dir() else None)
+    donor = AutoencoderKLWan.from_pretrained(str(vae_folder(folder)))
     own, theirs = vae.state_dict(), donor.state_dict()
     vae.load_state_dict({k: v for k, v in theirs.items() if k in own and own[k].shape == v.shape}, strict=False)
     return sorted(k for k in own if k not in theirs or theirs[k].shape != own[k].shape)
@@ -272,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.vae_from and (args.vae_init or args.vae_time_stride != 1 or args.vae_z_dim != 16):
         parser.error("--vae_from reuses a trained VAE as it is: drop --vae_init, --vae_time_stride and --vae_z_dim")
-    if args.vae_init and not any((Path(args.vae_init) / sub / "config.json").is_file() for sub in ("vae", ".")):
+    if args.vae_init and vae_folder(args.vae_init) is None:
         parser.error(f"--vae_init {args.vae_init}: no VAE there (want a model folder with vae/config.json)")
+    if args.vae_z_dim < 1 or not 0 < args.vae_lr < float("inf"):
+        parser.error(f"--vae_z_dim {args.vae_z_dim} --vae_lr {args.vae_lr}: want z_dim >= 1 and a finite lr > 0")
     if args.vae_check_videos < 1:
         parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -317,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         _assemble(init, final, current)
     assembled = out.with_name(f".{out.name}.tmp")
     _assemble(init, final, assembled)
-    card = {"vae_round_trip": vae_report, "vae_steps": args.vae_steps, "vae": {
-        k: vae.config[k] for k in ("z_dim", "scale_factor_temporal")}, "patch": args.patch,
+    vae_shape = {k: vae.config[k] for k in ("z_dim", "scale_factor_temporal")}
+    card = {"vae_round_trip": vae_report, "vae_steps": args.vae_steps, "vae": vae_shape, "patch": args.patch,
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0)}
     if args.vae_from:
         card["vae_from"] = args.vae_from  # build_seconds then leaves out the VAE's training
