@@ -297,25 +297,49 @@ def test_a_build_with_a_wan_style_vae_and_patch_one_experts(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build(["--out", str(out), "--work", str(tmp_path / "bad"), "--vae_from", str(BASE_DIR),
                "--vae_time_stride", "4"])
-    assert "drop --vae_init" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert "drop --vae_time_stride" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit):
-        build(["--out", str(out), "--work", str(tmp_path / "bad"), "--vae_init", str(tmp_path / "nowhere")])
-    assert "no VAE there" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    for bad in (["--vae_z_dim", "0"], ["--vae_lr", "nan"], ["--vae_lr", "-1"]):
+        build(["--out", str(out), "--work", str(tmp_path / "bad"), "--vae_from", str(BASE_DIR),
+               "--vae_dim_mult", "1,2,4,4", "--vae_level1_share", "0.5"])
+    assert "drop --vae_dim_mult and --vae_level1_share" in capsys.readouterr().err
+    for flag in ("--vae_init", "--vae_from"):
+        with pytest.raises(SystemExit):
+            build(["--out", str(out), "--work", str(tmp_path / "bad"), flag, str(tmp_path / "nowhere")])
+        assert f"{flag} {tmp_path / 'nowhere'}: no VAE there" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    for bad, says in ((["--vae_z_dim", "0"], "want z_dim >= 1 and a finite lr > 0"),
+                      (["--vae_lr", "nan"], "want z_dim >= 1 and a finite lr > 0"),
+                      (["--vae_lr", "-1"], "want z_dim >= 1 and a finite lr > 0"),
+                      (["--vae_level1_share", "1.5"], "want a share in [0, 1]"),
+                      (["--vae_dim_mult", "1,2,4"], "is not four positive widths"),
+                      (["--vae_dim_mult", "1,0,4,4"], "is not four positive widths")):
         with pytest.raises(SystemExit):
             build(["--out", str(out), "--work", str(tmp_path / "bad"), *bad])
-        assert "want z_dim >= 1 and a finite lr > 0" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+        assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert build(["--out", str(out), "--work", str(tmp_path / "work"), "--vae_steps", "2", "--vae_time_stride", "4",
                   "--vae_init", str(BASE_DIR), "--patch", "1", "--stage", "both:2:1e-3:1", "--dataset", "shapes:1",
                   "--vae_check_videos", "1"]) == 0
     card = json.loads((out / "build.json").read_text())
-    assert card["vae"] == {"z_dim": 16, "scale_factor_temporal": 4} and card["patch"] == 1
+    assert card["vae"] == {"z_dim": 16, "scale_factor_temporal": 4, "dim_mult": [1, 2, 2, 2]} and card["patch"] == 1
     components, cfg, _, _ = load_model(SampleConfig(ckpt_dir=str(out)), load_text_encoder=False)
     assert components.vae_scale_factor_temporal == 4
     assert tuple(components.transformer_2.config.patch_size) == (1, 1, 1)
     with torch.no_grad():
         z = components.vae.encode(torch.zeros(1, 3, 9, 64, 64)).latent_dist.mode()
         assert z.shape[2] == 3 and components.vae.decode(z).sample.shape[2] == 9
+
+
+def test_vae_level1_share_sets_how_often_the_vae_sees_a_moving_object():
+    import numpy as np
+
+    from wan_grpo.tasks.shapes.build import _scene_draw
+
+    def share(level1_share):
+        draw, rng = _scene_draw(level1_share), np.random.default_rng(0)
+        return np.mean([draw(rng).direction is not None for _ in range(4000)])
+
+    assert share(None) == pytest.approx(72 / 1152, abs=0.015)
+    assert share(0.5) == pytest.approx(0.5, abs=0.03) and share(1.0) == 1.0 and share(0.0) == 0.0
 
 
 def test_vae_warm_start_copies_every_weight_whose_shape_matches():

@@ -54,10 +54,12 @@ DIT_CONFIG = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_di
 SEED = 0
 
 
-def vae_config(time_stride: int = 1, z_dim: int = 16) -> dict:
-    """The build's VAE; ``time_stride`` 4 compresses time as Wan2.2's VAEs do (9 frames -> 3 latent frames)."""
+def vae_config(time_stride: int = 1, z_dim: int = 16, dim_mult: tuple[int, ...] = (1, 2, 2, 2)) -> dict:
+    """The build's VAE; ``time_stride`` 4 compresses time as Wan2.2's VAEs do (9 frames -> 3 latent frames);
+    ``dim_mult`` scales the width of its four levels (base_dim 16), so the spatial stride stays 8."""
     temporal = {1: [False, False, False], 2: [False, True, False], 4: [False, True, True]}[time_stride]
-    return dict(VAE_CONFIG, z_dim=z_dim, temperal_downsample=temporal, scale_factor_temporal=time_stride)
+    return dict(VAE_CONFIG, z_dim=z_dim, dim_mult=list(dim_mult), temperal_downsample=temporal,
+                scale_factor_temporal=time_stride)
 
 
 def vae_folder(folder: str) -> Path | None:
@@ -117,12 +119,22 @@ STAGES = (Stage("high,low", 2000, 2e-3, 1), Stage("high,low", 1500, 1e-3, 2), St
 CROP = 32  # training crops: a quarter of each frame of a clip, 8-px aligned, around a pixel of an object
 
 
-def _crops(rng: np.random.Generator, scenes, n: int) -> torch.Tensor:
-    """(n, 3, FRAMES, CROP, CROP) crops of whole clips in [-1, 1], from random scenes and seeds. Objects
-    cover a few % of a frame: crops around them train the decoder on edges faster than whole frames."""
+def _scene_draw(level1_share: float | None):
+    """rng -> a random scene: uniform over both levels' scenes (1 in 16 moves), or level 1's with
+    probability ``level1_share``."""
+    one, two = all_scenes(1), all_scenes(2)
+    if level1_share is None:
+        scenes = one + two
+        return lambda rng: scenes[rng.integers(len(scenes))]
+    return lambda rng: one[rng.integers(len(one))] if rng.random() < level1_share else two[rng.integers(len(two))]
+
+
+def _crops(rng: np.random.Generator, draw, n: int) -> torch.Tensor:
+    """(n, 3, FRAMES, CROP, CROP) crops of whole clips in [-1, 1], from scenes ``draw(rng)`` and random seeds.
+    Objects cover a few % of a frame: crops around them train the decoder on edges faster than whole frames."""
     crops = []
     for _ in range(n):
-        clip = render(scenes[rng.integers(len(scenes))], int(rng.integers(1 << 30)))
+        clip = render(draw(rng), int(rng.integers(1 << 30)))
         ys, xs = np.nonzero((clip != BACKGROUND).any(-1).any(0))
         k = rng.integers(len(ys))
         top = min(max(0, (ys[k] - CROP // 2) // 8 * 8), clip.shape[1] - CROP)
@@ -156,22 +168,24 @@ def _round_trip(vae: AutoencoderKLWan, x: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def train_vae(steps: int, *, seed: int = SEED, batch: int = 8, lr: float = 3e-3, on_step=None,
-              config: dict | None = None, init: str | None = None) -> AutoencoderKLWan:
+              config: dict | None = None, init: str | None = None,
+              level1_share: float | None = None) -> AutoencoderKLWan:
     """MSE reconstruction of whole clips (object pixels weighted 5x: they are a few % of a frame), Adam,
     one-cycle LR, through ``_round_trip`` (what ``encode``/``decode`` give). ``config`` is the VAE's
-    (default ``VAE_CONFIG``); ``init`` a model folder to warm-start from (``warm_start``)."""
+    (default ``VAE_CONFIG``); ``init`` a model folder to warm-start from (``warm_start``); ``level1_share``
+    the share of clips with a moving object (default: 1 in 16, their share of the scenes)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKLWan(**(config or VAE_CONFIG))
         if init is not None:
             log.info("VAE warm-started from %s; new: %s", init, ", ".join(warm_start(vae, init)) or "none")
         rng = np.random.default_rng(seed)
-        scenes = all_scenes(1) + all_scenes(2)
+        draw = _scene_draw(level1_share)
         opt = torch.optim.Adam(vae.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
         background = torch.tensor(BACKGROUND).float().view(1, 3, 1, 1, 1) / 127.5 - 1
         for step in range(steps):
-            x = _crops(rng, scenes, batch)
+            x = _crops(rng, draw, batch)
             mu, out = _round_trip(vae, x)
             # objects' pixels in any frame weigh 5x: where an object was is where a causal decoder leaves ghosts
             weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.1).any(2, keepdim=True).float()
@@ -253,6 +267,16 @@ def _assemble(init: Path, experts: dict, folder: Path) -> None:
         shutil.copytree(ckpt / expert.diffusers_dir, folder / expert.diffusers_dir)
 
 
+def _dim_mult(text: str) -> tuple[int, ...]:
+    try:
+        mult = tuple(int(m) for m in text.split(","))
+    except ValueError:
+        mult = ()
+    if len(mult) != 4 or min(mult) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not four positive widths (e.g. 1,2,4,4)")
+    return mult
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(BASE_DIR), help="Where the finished model goes (default: the package's).")
@@ -262,11 +286,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="An SFT stage (repeat for several; default: the shipped base's "
                              f"{' '.join(st.label() for st in STAGES)}). EXPERTS: high, low or both.")
     parser.add_argument("--dataset", default="shapes", help="sft --dataset (shapes:1 for a quick test build).")
-    parser.add_argument("--vae_from", help="Reuse the trained VAE of an earlier build (its work/init folder).")
+    parser.add_argument("--vae_from", help="Reuse the trained VAE of an earlier build: a model folder (e.g. its "
+                             "work/init) or its vae/ folder.")
     parser.add_argument("--vae_time_stride", type=int, default=1, choices=(1, 2, 4),
                         help="Frames per latent frame (Wan2.2's VAEs: 4; the shipped Shapes VAE: 1).")
     parser.add_argument("--vae_lr", type=float, default=3e-3, help="Peak one-cycle learning rate of the VAE.")
     parser.add_argument("--vae_z_dim", type=int, default=16, help="Latent channels of a trained VAE.")
+    parser.add_argument("--vae_dim_mult", type=_dim_mult, default=(1, 2, 2, 2), metavar="A,B,C,D",
+                        help="Widths of the VAE's four levels in units of 16 channels (e.g. 1,2,4,4).")
+    parser.add_argument("--vae_level1_share", type=float, metavar="F",
+                        help="Share of the VAE's training clips from level 1, the moving objects (default: their "
+                             "share of all scenes, 1 in 16). A VAE that compresses time needs more: 0.5.")
     parser.add_argument("--vae_init", help="Start the VAE from the weights of an earlier one (a model folder) "
                                            "wherever names and shapes match.")
     parser.add_argument("--patch", type=int, default=2, choices=(1, 2),
@@ -274,12 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae_check_videos", type=int, default=32,
                         help="Held-out renders per level whose VAE round trips the build card scores.")
     args = parser.parse_args(argv)
-    if args.vae_from and (args.vae_init or args.vae_time_stride != 1 or args.vae_z_dim != 16):
-        parser.error("--vae_from reuses a trained VAE as it is: drop --vae_init, --vae_time_stride and --vae_z_dim")
+    vae_flags = {"--vae_init": args.vae_init, "--vae_time_stride": args.vae_time_stride != 1,
+                 "--vae_z_dim": args.vae_z_dim != 16, "--vae_dim_mult": args.vae_dim_mult != (1, 2, 2, 2),
+                 "--vae_level1_share": args.vae_level1_share is not None}
+    if args.vae_from and any(vae_flags.values()):
+        conflicts = " and ".join(k for k, v in vae_flags.items() if v)
+        parser.error(f"--vae_from reuses a trained VAE as it is: drop {conflicts}")
+    if args.vae_from and vae_folder(args.vae_from) is None:
+        parser.error(f"--vae_from {args.vae_from}: no VAE there (want a model folder with vae/config.json)")
     if args.vae_init and vae_folder(args.vae_init) is None:
         parser.error(f"--vae_init {args.vae_init}: no VAE there (want a model folder with vae/config.json)")
     if args.vae_z_dim < 1 or not 0 < args.vae_lr < float("inf"):
         parser.error(f"--vae_z_dim {args.vae_z_dim} --vae_lr {args.vae_lr}: want z_dim >= 1 and a finite lr > 0")
+    if args.vae_level1_share is not None and not 0 <= args.vae_level1_share <= 1:
+        parser.error(f"--vae_level1_share {args.vae_level1_share}: want a share in [0, 1]")
     if args.vae_check_videos < 1:
         parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
@@ -295,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info("VAE step %d/%d  loss %.4f  (%.0fs)", step + 1, args.vae_steps, loss, time.perf_counter() - t0)
 
     if args.vae_from:
-        vae = AutoencoderKLWan.from_pretrained(args.vae_from, subfolder="vae").eval()
+        vae = AutoencoderKLWan.from_pretrained(str(vae_folder(args.vae_from))).eval()
     else:
         vae = train_vae(args.vae_steps, on_step=on_vae_step, init=args.vae_init, lr=args.vae_lr,
-                        config=vae_config(args.vae_time_stride, args.vae_z_dim))
+                        config=vae_config(args.vae_time_stride, args.vae_z_dim, args.vae_dim_mult),
+                        level1_share=args.vae_level1_share)
         set_latent_stats(vae)
     vae_report = reconstruction_report(vae, videos=args.vae_check_videos)
     log.info("VAE round trips of held-out renders: %s", vae_report)
@@ -323,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         _assemble(init, final, current)
     assembled = out.with_name(f".{out.name}.tmp")
     _assemble(init, final, assembled)
-    vae_shape = {k: vae.config[k] for k in ("z_dim", "scale_factor_temporal")}
+    vae_shape = {k: vae.config[k] for k in ("z_dim", "scale_factor_temporal", "dim_mult")}
     card = {"vae_round_trip": vae_report, "vae_steps": args.vae_steps, "vae": vae_shape, "patch": args.patch,
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0)}
     if args.vae_from:
