@@ -70,6 +70,9 @@ SETTINGS = {
     "nft-low-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="low"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-high-k3-lr3e-4": replaced(NFT_HIGH_K3, learning_rate="3e-4"),
     "nft-high-k3-lr1e-3": replaced(NFT_HIGH_K3, learning_rate="1e-3"),
+    # both experts: the low-noise one draws edges and colours, where a better-drawing base's errors are
+    "nft-k3": replaced(NFT_HIGH_K3, train_experts="both"),
+    "nft-k3-lr3e-4": replaced(NFT_HIGH_K3, train_experts="both", learning_rate="3e-4"),
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }

@@ -265,6 +265,7 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), sub
     card = json.loads((tmp_path / "a" / "model" / "build.json").read_text())
     assert card["stages"] == ["both:4:0.002:1", "high:2:0.001:2"]
+    assert card["vae_steps"] == 3 and card["vae_init"] is None and "vae_from" not in card
     assert set(card["vae_round_trip"]) == {"level1", "level2"}
     vae_losses = json.loads((tmp_path / "a" / "work" / "vae_losses.json").read_text())
     sft = [r["loss"] for r in read_metrics(tmp_path / "a" / "work" / "sft-0")]

@@ -363,10 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     assembled = out.with_name(f".{out.name}.tmp")
     _assemble(init, final, assembled)
     vae_shape = {k: vae.config[k] for k in ("z_dim", "scale_factor_temporal", "dim_mult")}
-    card = {"vae_round_trip": vae_report, "vae_steps": args.vae_steps, "vae": vae_shape, "patch": args.patch,
+    card = {"vae_round_trip": vae_report, "vae": vae_shape, "patch": args.patch,
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0)}
     if args.vae_from:
         card["vae_from"] = args.vae_from  # build_seconds then leaves out the VAE's training
+    else:  # how the VAE was trained, so the card alone reproduces it
+        card.update(vae_steps=args.vae_steps, vae_lr=args.vae_lr, vae_init=args.vae_init,
+                    vae_level1_share=args.vae_level1_share)
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
