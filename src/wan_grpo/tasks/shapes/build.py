@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0)}
     if args.vae_from:
         card["vae_from"] = args.vae_from  # build_seconds then leaves out the VAE's training
-    else:  # how the VAE was trained, so the card alone reproduces it
+    else:  # how the build trained its VAE (its shape is in card["vae"])
         card.update(vae_steps=args.vae_steps, vae_lr=args.vae_lr, vae_init=args.vae_init,
                     vae_level1_share=args.vae_level1_share)
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
