@@ -30,7 +30,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
-# Rebuild the shipped Shapes base model (src/wan_grpo/tasks/shapes/base/): deterministic, ~70 min on 2 cores.
+# Rebuild the shipped Shapes base model (src/wan_grpo/tasks/shapes/base/): deterministic, ~80 min on 2 cores.
 shapes-base: $(STAMP)
 	$(PY) -m wan_grpo.tasks.shapes.build
 

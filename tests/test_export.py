@@ -158,11 +158,19 @@ def test_init_lora_errors_are_one_line(tmp_path, capsys, tiny_ckpt):
     assert "--init_lora" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
-def test_shapes_model_card_says_how_to_call_the_pipeline():
-    """The Shapes model needs 16-token prompts and num_frames=8 in WanPipeline (test_sample_parity checks them)."""
+def test_shapes_model_card_says_how_to_call_the_pipeline(tmp_path):
+    """The Shapes model needs 16-token prompts in WanPipeline, and num_frames one fewer when its VAE does not
+    compress time (WanPipeline then adds one); test_sample_parity checks the shipped base's call."""
+    import shutil
+
     from wan_grpo.model_card import model_card
-    from wan_grpo.tasks.shapes import BASE_DIR
+    from wan_grpo.tasks.shapes import BASE_DIR, VAE_WARM_START
 
     shapes = model_card({"task": "shapes", "lora_rank": 16, "ckpt_dir": str(BASE_DIR)}, 10)
-    assert "max_sequence_length=16" in shapes and "num_frames=8" in shapes
+    assert "max_sequence_length=16" in shapes and "num_frames=9" in shapes and "one frame fewer" not in shapes
+    shutil.copytree(BASE_DIR / "tokenizer", tmp_path / "tokenizer")
+    (tmp_path / "vae").mkdir()
+    shutil.copy(VAE_WARM_START / "config.json", tmp_path / "vae")  # the previous base's: no time compression
+    older = model_card({"task": "shapes", "lora_rank": 16, "ckpt_dir": str(tmp_path)}, 10)
+    assert "num_frames=8" in older and "one frame fewer" in older
     assert "max_sequence_length" not in model_card({"task": "t2v-A14B", "lora_rank": 16, "ckpt_dir": "base"}, 10)

@@ -101,9 +101,9 @@ def test_expert_split_per_shift(tiny_components):
 
 
 def test_shapes_base_matches_diffusers_with_its_text_length(tmp_path):
-    """The shipped Shapes base in diffusers: 16-token prompts (its tokenizer's model_max_length) and
-    num_frames=8, since WanPipeline adds a frame when the VAE has no temporal compression. With
-    WanPipeline's default of 512 tokens the zero padding dilutes cross-attention: another model."""
+    """The shipped Shapes base in diffusers: 16-token prompts (its tokenizer's model_max_length); its VAE
+    compresses time 4x, so 9 frames are 3 latent frames. With WanPipeline's default of 512 tokens the
+    zero padding dilutes cross-attention: another model."""
     from wan_grpo.tasks.shapes import BASE_DIR
 
     prompt, out = "a red circle moving right", tmp_path / "shapes.safetensors"
@@ -115,11 +115,11 @@ def test_shapes_base_matches_diffusers_with_its_text_length(tmp_path):
     pipe.set_progress_bar_config(disable=True)
 
     def diffusers_latents(**extra):
-        return pipe(prompt=prompt, negative_prompt="", height=64, width=64, num_frames=8, num_inference_steps=10,
+        return pipe(prompt=prompt, negative_prompt="", height=64, width=64, num_frames=9, num_inference_steps=10,
                     guidance_scale=4.0, generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent",
                     **extra).frames
 
     theirs = diffusers_latents(max_sequence_length=16)
-    assert ours.shape == theirs.shape == (1, 16, 9, 8, 8)
+    assert ours.shape == theirs.shape == (1, 16, 3, 8, 8)
     assert rel_err(ours, theirs) <= 1e-4
     assert rel_err(diffusers_latents(), theirs) > 0.1

@@ -244,9 +244,9 @@ def test_build_refuses_no_vae_check_videos_before_writing_anything(tmp_path, cap
 
 @pytest.mark.slow
 def test_a_short_build_is_deterministic_and_loads(tmp_path):
-    """``make shapes-base`` in miniature (3 VAE steps, 4 SFT steps of both experts, 2 of the high-noise
-    expert, level-1 data): two builds write the same weights, the first losses are the recorded ones, and
-    the result loads as a --task shapes model."""
+    """``make shapes-base`` in miniature (its VAE defaults but 3 steps, 4 SFT steps of both experts, 2 of the
+    high-noise expert, level-1 data): two builds write the same weights, the first losses are the recorded
+    ones, the card records the VAE's recipe, and the result loads as a --task shapes model."""
     import json
 
     from safetensors.torch import load_file
@@ -265,7 +265,9 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), sub
     card = json.loads((tmp_path / "a" / "model" / "build.json").read_text())
     assert card["stages"] == ["both:4:0.002:1", "high:2:0.001:2"]
-    assert card["vae_steps"] == 3 and card["vae_init"] is None and "vae_from" not in card
+    assert card["vae_steps"] == 3 and card["vae_init"] == "tasks/shapes/vae_warm_start" and "vae_from" not in card
+    assert card["vae_lr"] == 2e-3 and card["vae_level1_share"] == 0.5
+    assert card["vae"] == {"z_dim": 16, "scale_factor_temporal": 4, "dim_mult": [1, 2, 4, 4]}
     assert set(card["vae_round_trip"]) == {"level1", "level2"}
     vae_losses = json.loads((tmp_path / "a" / "work" / "vae_losses.json").read_text())
     sft = [r["loss"] for r in read_metrics(tmp_path / "a" / "work" / "sft-0")]
@@ -278,15 +280,15 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
 
 
 # recorded on the CI machine's CPU (x86-64, torch 2.13.0 CPU wheel); other CPUs may round differently
-RECORDED_VAE = [0.9454385042190552, 1.0767261981964111, 0.9221768975257874]
-RECORDED_SFT = [4.699666500091553, 4.691734552383423, 4.688459873199463, 4.673031330108643]
-RECORDED_HIGH = [2.310802459716797, 2.3065998554229736]
+RECORDED_VAE = [0.9494491815567017, 0.8950150012969971, 0.8442957997322083]
+RECORDED_SFT = [4.681734085083008, 4.651282787322998, 4.663205623626709, 4.612987041473389]
+RECORDED_HIGH = [2.3125226497650146, 2.2998201847076416]
 
 
-def test_a_build_with_a_wan_style_vae_and_patch_one_experts(tmp_path, capsys):
-    """--vae_time_stride 4 --vae_init: a VAE that compresses time 4x, as Wan2.2's, warm-started from the
-    shipped one (only its time convolutions new); --patch 1 experts; the model loads and its VAE takes 9 frames
-    to 3 latent frames and back. Bad VAE flags are refused before anything is written."""
+def test_a_build_with_other_vae_flags_and_patch_one_experts(tmp_path, capsys):
+    """Non-default VAE flags (time stride 2, the previous base's widths, a random start) and --patch 1
+    experts: the model loads and its VAE takes 9 frames to 5 latent frames and back. Bad VAE flags, and
+    any VAE flag beside --vae_from, are refused before anything is written."""
     import json
 
     from wan_grpo.config import SampleConfig
@@ -295,14 +297,13 @@ def test_a_build_with_a_wan_style_vae_and_patch_one_experts(tmp_path, capsys):
     from wan_grpo.tasks.shapes.build import main as build
 
     out = tmp_path / "model"
-    with pytest.raises(SystemExit):
-        build(["--out", str(out), "--work", str(tmp_path / "bad"), "--vae_from", str(BASE_DIR),
-               "--vae_time_stride", "4"])
-    assert "drop --vae_time_stride" in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    with pytest.raises(SystemExit):
-        build(["--out", str(out), "--work", str(tmp_path / "bad"), "--vae_from", str(BASE_DIR),
-               "--vae_dim_mult", "1,2,4,4", "--vae_level1_share", "0.5"])
-    assert "drop --vae_dim_mult and --vae_level1_share" in capsys.readouterr().err
+    for flags, says in ((["--vae_time_stride", "4"], "drop --vae_time_stride"),
+                        (["--vae_dim_mult", "1,2,4,4", "--vae_level1_share", "0.5"],
+                         "drop --vae_dim_mult and --vae_level1_share"),
+                        (["--vae_steps", "10"], "drop --vae_steps")):
+        with pytest.raises(SystemExit):
+            build(["--out", str(out), "--work", str(tmp_path / "bad"), "--vae_from", str(BASE_DIR), *flags])
+        assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
     for flag in ("--vae_init", "--vae_from"):
         with pytest.raises(SystemExit):
             build(["--out", str(out), "--work", str(tmp_path / "bad"), flag, str(tmp_path / "nowhere")])
@@ -317,17 +318,18 @@ def test_a_build_with_a_wan_style_vae_and_patch_one_experts(tmp_path, capsys):
         with pytest.raises(SystemExit):
             build(["--out", str(out), "--work", str(tmp_path / "bad"), *bad])
         assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
-    assert build(["--out", str(out), "--work", str(tmp_path / "work"), "--vae_steps", "2", "--vae_time_stride", "4",
-                  "--vae_init", str(BASE_DIR), "--patch", "1", "--stage", "both:2:1e-3:1", "--dataset", "shapes:1",
-                  "--vae_check_videos", "1"]) == 0
+    assert build(["--out", str(out), "--work", str(tmp_path / "work"), "--vae_steps", "2", "--vae_time_stride", "2",
+                  "--vae_dim_mult", "1,2,2,2", "--vae_init", "none", "--patch", "1", "--stage", "both:2:1e-3:1",
+                  "--dataset", "shapes:1", "--vae_check_videos", "1"]) == 0
     card = json.loads((out / "build.json").read_text())
-    assert card["vae"] == {"z_dim": 16, "scale_factor_temporal": 4, "dim_mult": [1, 2, 2, 2]} and card["patch"] == 1
+    assert card["vae"] == {"z_dim": 16, "scale_factor_temporal": 2, "dim_mult": [1, 2, 2, 2]} and card["patch"] == 1
+    assert card["vae_init"] is None
     components, cfg, _, _ = load_model(SampleConfig(ckpt_dir=str(out)), load_text_encoder=False)
-    assert components.vae_scale_factor_temporal == 4
+    assert components.vae_scale_factor_temporal == 2
     assert tuple(components.transformer_2.config.patch_size) == (1, 1, 1)
     with torch.no_grad():
         z = components.vae.encode(torch.zeros(1, 3, 9, 64, 64)).latent_dist.mode()
-        assert z.shape[2] == 3 and components.vae.decode(z).sample.shape[2] == 9
+        assert z.shape[2] == 5 and components.vae.decode(z).sample.shape[2] == 9
 
 
 def test_vae_level1_share_sets_how_often_the_vae_sees_a_moving_object():
@@ -346,14 +348,14 @@ def test_vae_level1_share_sets_how_often_the_vae_sees_a_moving_object():
 def test_vae_warm_start_copies_every_weight_whose_shape_matches():
     from diffusers import AutoencoderKLWan
 
-    from wan_grpo.tasks.shapes import BASE_DIR
+    from wan_grpo.tasks.shapes import VAE_WARM_START
     from wan_grpo.tasks.shapes.build import vae_config, warm_start
 
-    shipped = AutoencoderKLWan.from_pretrained(str(BASE_DIR), subfolder="vae").state_dict()
+    donor = AutoencoderKLWan.from_pretrained(str(VAE_WARM_START)).state_dict()
     vae = AutoencoderKLWan(**vae_config(time_stride=4))
-    new = warm_start(vae, str(BASE_DIR))
+    new = warm_start(vae, str(VAE_WARM_START))
     assert new and all("time_conv" in name for name in new)
-    assert all(torch.equal(v, shipped[k]) for k, v in vae.state_dict().items() if k not in new)
+    assert all(torch.equal(v, donor[k]) for k, v in vae.state_dict().items() if k not in new)
 
 
 @pytest.mark.parametrize("stride", [1, 2, 4])
@@ -379,15 +381,17 @@ def test_vae_training_round_trip_is_encode_then_decode(stride):
 
 def test_shipped_vae_is_causal_in_time():
     """The Shapes VAE is causal in time, as Wan's: changing frame 0 changes every latent frame, changing
-    the last frame only the last, and a change of the last latent frame reaches only the last decoded
-    frame. That is how the DiT tells a video from its reverse (with frames encoded alone it could not
-    learn the sign of motion)."""
+    the last frame only the last, and a change of the last latent frame reaches only the frames it
+    decodes to (the last 4: it compresses time 4x). That is how the DiT tells a video from its reverse
+    (with frames encoded alone it could not learn the sign of motion)."""
     from diffusers import AutoencoderKLWan
 
     from wan_grpo.models.vae import decode_latents, encode_videos
     from wan_grpo.tasks.shapes import BASE_DIR
 
     vae = AutoencoderKLWan.from_pretrained(str(BASE_DIR), subfolder="vae").eval()
+    stride = vae.config.scale_factor_temporal
+    assert stride == 4
     video, other = render(parse("a red circle moving left"), 0), render(parse("a blue square moving up"), 1)
     first, last = video.copy(), video.copy()
     first[0], last[-1] = other[0], other[-1]
@@ -398,18 +402,18 @@ def test_shipped_vae_is_causal_in_time():
     def per_frame(a, b, frame_dim):
         return (a - b).abs().amax(dim=tuple(d for d in range(a.dim()) if d != frame_dim))
 
-    assert (per_frame(z, z_first, 2) > 1e-3).all()
+    assert z.shape[2] == 3 and (per_frame(z, z_first, 2) > 1e-3).all()
     assert (per_frame(z, z_last, 2)[:-1] < 1e-5).all() and per_frame(z, z_last, 2)[-1] > 1e-3
-    assert (per_frame(pixels, pixels_last, 1)[:-1] == 0).all() and per_frame(pixels, pixels_last, 1)[-1] > 10
+    assert (per_frame(pixels, pixels_last, 1)[:-stride] == 0).all() and per_frame(pixels, pixels_last, 1)[-1] > 10
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("level,samples,band", [(1, 8, (0.2, 0.6)), (2, 1, (0.04, 0.6))])
+@pytest.mark.parametrize("level,samples,band", [(1, 8, (0.2, 0.6)), (2, 1, (0.2, 0.6))])
 def test_shipped_base_half_follows_heldout_prompts(tmp_path, level, samples, band):
     """The shipped base (``make shapes-base``), re-measured with fixed seeds on at least 64 held-out
     videos per level: visibly imperfect, so training has room. Measured when it was built: level 1
-    0.375 +- 0.044 (120 videos; motion 0.96, which the previous base, with frames encoded alone, had
-    at 0.40), level 2 0.060 +- 0.016 (216 videos), below the intended 0.2-0.6."""
+    0.283 +- 0.041 (120 videos; motion 0.88, the sign of motion learnt through the causal VAE), level 2
+    0.315 +- 0.032 (216 videos)."""
     import json
 
     from wan_grpo.cli import main
@@ -422,7 +426,7 @@ def test_shipped_base_half_follows_heldout_prompts(tmp_path, level, samples, ban
     assert len(accuracy) >= 64
     assert band[0] <= sum(accuracy) / len(accuracy) <= band[1], sum(accuracy) / len(accuracy)
     if level == 1:
-        assert sum(v["motion"] for v in videos) / len(videos) >= 0.9
+        assert sum(v["motion"] for v in videos) / len(videos) >= 0.8
 
 
 @pytest.mark.slow
@@ -432,7 +436,7 @@ def test_demo_trains_then_compares_base_and_trained_on_heldout_prompts(tmp_path,
     from wan_grpo.tasks.shapes.demo import main as demo
 
     save = tmp_path / "demo"
-    assert demo(["--save_dir", str(save), "--max_steps", "1", "--save_interval", "1", "--batch_size", "2",
+    assert demo(["--save_dir", str(save), "--max_steps", "3", "--save_interval", "3", "--batch_size", "2",
                  "--tensorboard", "false"]) == 0
     out = capsys.readouterr().out
     for level, videos in ((1, 120), (2, 216)):

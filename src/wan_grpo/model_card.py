@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 def _rewards(cfg: dict) -> str:
     reward = cfg.get("reward") or "the task's default"
@@ -77,10 +79,15 @@ def _shapes_pipeline_call(cfg: dict) -> str:
         return cfg.get(name) or default
 
     width, _, height = str(setting("size", preset.size)).partition("*")
-    text_len = text_length(Path(str(cfg.get("ckpt_dir"))) / "tokenizer")
-    return ("Call the pipeline with the Shapes model's prompt length and one frame fewer (WanPipeline adds one "
-            "when the VAE has no temporal compression), with the run's sampler settings: `pipe(prompt, "
-            f"height={height}, width={width}, num_frames={int(setting('frame_num', preset.frame_num)) - 1}, "
+    ckpt = Path(str(cfg.get("ckpt_dir")))
+    text_len = text_length(ckpt / "tokenizer")
+    frames, fewer = int(setting("frame_num", preset.frame_num)), ""
+    vae = ckpt / "vae" / "config.json"
+    if vae.is_file() and json.loads(vae.read_text()).get("scale_factor_temporal") == 1:
+        frames -= 1
+        fewer = " and one frame fewer (WanPipeline adds one when the VAE has no temporal compression)"
+    return (f"Call the pipeline with the Shapes model's prompt length{fewer}, with the run's sampler settings: "
+            f"`pipe(prompt, height={height}, width={width}, num_frames={frames}, "
             f"max_sequence_length={text_len}, num_inference_steps={setting('sampling_steps', preset.sampling_steps)}, "
             f"guidance_scale={setting('guidance_scale', preset.guidance_scale)}, "
             f"guidance_scale_2={setting('guidance_scale_2', preset.guidance_scale_2)})` after `pipe.scheduler = "

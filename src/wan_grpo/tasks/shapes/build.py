@@ -1,23 +1,25 @@
-"""Build the Shapes base model (``make shapes-base``): deterministic, about 70 minutes on 2 CPU cores
-(15 for the VAE, 55 for eight thousand SFT steps).
+"""Build the Shapes base model (``make shapes-base``): deterministic, about 80 minutes on 2 CPU cores
+(30 for the VAE, 50 for twelve thousand SFT steps).
 
-1. A small AutoencoderKLWan learns to reconstruct Shapes clips, one latent frame per video frame. It is
+1. A small AutoencoderKLWan learns to reconstruct Shapes clips, compressing time 4x as Wan2.2's do
+   (9 frames -> 3 latent frames), warm-started from the previous base's VAE (``VAE_DEFAULTS``). It is
    causal in time, as Wan's is: each latent frame also sees the frames before it, and the first is
-   encoded against zero padding. That is what lets the DiT learn the direction of time (it patches
-   one latent frame at a time, so on latents of frames encoded alone it could not tell "moving left"
-   from "moving right"). Its loss weighs every pixel an object covers in any frame of the clip 5x:
-   without that, ghosts of earlier frames survived round trips and the verifier read them as wrong
-   colours and shapes. The build card records PSNR and the verifier's accuracy on round trips. The
-   latents' per-channel mean and std go into its config, as Wan's VAEs carry theirs.
-2. A seeded UMT5 with a word-level tokenizer over the grammar (``text.py``), never trained.
+   encoded against zero padding. That is what lets the DiT learn the direction of time (on latents of
+   frames encoded alone it could not tell "moving left" from "moving right"). Its loss weighs every
+   pixel an object covers in any frame of the clip 5x: without that, ghosts of earlier frames
+   survived round trips and the verifier read them as wrong colours and shapes. The build card
+   records PSNR and the verifier's accuracy on round trips. The latents' per-channel mean and std go
+   into its config, as Wan's VAEs carry theirs.
+2. A seeded UMT5 with a word-level tokenizer over the grammar (``text.py``), taught the grammar on the
+   training prompts (``pretrain_text_encoder``) and not trained after.
 3. Two random WanTransformer3DModel experts (boundary 0.875, as T2V-A14B) saved with the rest by
    ``WanPipeline.save_pretrained``; ``wan-grpo sft`` then trains them in stages (``STAGES``: both
-   experts, then each alone, each stage starting from the last), stopped while held-out accuracy is
-   still well below 1.
+   experts, then each alone, then both on level 2 and last on both levels; each stage starts from the
+   last), stopped while held-out accuracy is still well below 1.
 4. The result is written atomically to ``--out`` with its build card (build.json).
 
 ``python -m wan_grpo.tasks.shapes.build --out DIR [--work DIR] [--vae_steps N] [--stage EXPERTS:STEPS:LR:VPP ...]``
-(``-h`` lists the rest: a Wan-style 4x VAE, a warm start, the experts' patch size)
+(``-h`` lists the rest: the VAE's shape and training, its warm start, the experts' patch size)
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.trainer import run_sft
 from wan_grpo.specs import PRESETS, TASK_KEY, Expert
-from wan_grpo.tasks.shapes import BASE_DIR
+from wan_grpo.tasks.shapes import BASE_DIR, VAE_WARM_START
 from wan_grpo.tasks.shapes.splits import load_split
 from wan_grpo.tasks.shapes.text import TEXT_DIM, pretrain_text_encoder, shapes_text_encoder, shapes_tokenizer
 from wan_grpo.tasks.shapes.verifier import score_video
@@ -110,10 +112,19 @@ class Stage:
 
 # The shipped base: both experts learn the world, then the high-noise expert (which lays out the scene:
 # where the objects are and how they move) and the low-noise one (their edges: the shape) go on alone.
-# A last stage of both experts on level 2 alone (both:1000:1e-3:2:shapes:2) made the high-noise expert
-# forget motion (level-1 motion 0.96 -> 0.25), so it is not in the recipe.
+# Level 2 (binding a colour to each of two shapes) needs far more steps than level 1: 3000 on level 2
+# alone teach it, but every single-level stage makes the experts forget the other level within a few
+# hundred steps (level-1 motion 0.89 -> 0.03), so a last stage on both levels equally brings level 1
+# back and keeps level 2.
 STAGES = (Stage("high,low", 2000, 2e-3, 1), Stage("high,low", 1500, 1e-3, 2), Stage("high", 1500, 1e-3, 2),
-          Stage("high", 1500, 1e-3, 2), Stage("low", 1500, 1e-3, 2))
+          Stage("high", 1500, 1e-3, 2), Stage("low", 1500, 1e-3, 2), Stage("high,low", 3000, 1e-3, 2, "shapes:2"),
+          Stage("high,low", 1000, 5e-4, 1))
+
+# The shipped base's VAE: Wan2.2's 4x time compression (9 frames -> 3 latent frames, so a DiT step costs a
+# quarter), twice as wide as the previous base's deeper levels, warm-started from that VAE, and shown a
+# moving object in half its clips (trained on the scenes' own 1 in 16 it lost moving objects).
+VAE_DEFAULTS = dict(vae_steps=2500, vae_time_stride=4, vae_lr=2e-3, vae_z_dim=16, vae_dim_mult=(1, 2, 4, 4),
+                    vae_level1_share=0.5, vae_init=str(VAE_WARM_START))
 
 
 CROP = 32  # training crops: a quarter of each frame of a clip, 8-px aligned, around a pixel of an object
@@ -267,6 +278,14 @@ def _assemble(init: Path, experts: dict, folder: Path) -> None:
         shutil.copytree(ckpt / expert.diffusers_dir, folder / expert.diffusers_dir)
 
 
+def _shown(folder: str | None) -> str | None:
+    """A folder for the build card: one inside the package as its path there, so a card names no machine."""
+    if folder is None:
+        return None
+    path, package = Path(folder).resolve(), Path(__file__).resolve().parents[2]
+    return path.relative_to(package).as_posix() if path.is_relative_to(package) else folder
+
+
 def _dim_mult(text: str) -> tuple[int, ...]:
     try:
         mult = tuple(int(m) for m in text.split(","))
@@ -281,42 +300,47 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(BASE_DIR), help="Where the finished model goes (default: the package's).")
     parser.add_argument("--work", default="runs/shapes-build", help="Intermediate files (VAE, SFT run).")
-    parser.add_argument("--vae_steps", type=int, default=3000)
+    parser.add_argument("--vae_steps", type=int, help=f"VAE training steps (default {VAE_DEFAULTS['vae_steps']}).")
     parser.add_argument("--stage", action="append", type=Stage.parse, metavar="EXPERTS:STEPS:LR:VPP[:DATASET]",
                         help="An SFT stage (repeat for several; default: the shipped base's "
                              f"{' '.join(st.label() for st in STAGES)}). EXPERTS: high, low or both.")
     parser.add_argument("--dataset", default="shapes", help="sft --dataset (shapes:1 for a quick test build).")
     parser.add_argument("--vae_from", help="Reuse the trained VAE of an earlier build: a model folder (e.g. its "
                              "work/init) or its vae/ folder.")
-    parser.add_argument("--vae_time_stride", type=int, default=1, choices=(1, 2, 4),
-                        help="Frames per latent frame (Wan2.2's VAEs: 4; the shipped Shapes VAE: 1).")
-    parser.add_argument("--vae_lr", type=float, default=3e-3, help="Peak one-cycle learning rate of the VAE.")
-    parser.add_argument("--vae_z_dim", type=int, default=16, help="Latent channels of a trained VAE.")
-    parser.add_argument("--vae_dim_mult", type=_dim_mult, default=(1, 2, 2, 2), metavar="A,B,C,D",
-                        help="Widths of the VAE's four levels in units of 16 channels (e.g. 1,2,4,4).")
+    parser.add_argument("--vae_time_stride", type=int, choices=(1, 2, 4),
+                        help="Frames per latent frame (default 4, as Wan2.2's VAEs; the previous Shapes VAE: 1).")
+    parser.add_argument("--vae_lr", type=float,
+                        help=f"Peak one-cycle learning rate of the VAE (default {VAE_DEFAULTS['vae_lr']:g}).")
+    parser.add_argument("--vae_z_dim", type=int, help="Latent channels of a trained VAE (default 16).")
+    parser.add_argument("--vae_dim_mult", type=_dim_mult, metavar="A,B,C,D",
+                        help="Widths of the VAE's four levels in units of 16 channels (default 1,2,4,4; the "
+                             "previous Shapes VAE: 1,2,2,2).")
     parser.add_argument("--vae_level1_share", type=float, metavar="F",
-                        help="Share of the VAE's training clips from level 1, the moving objects (default: their "
-                             "share of all scenes, 1 in 16). A VAE that compresses time needs more: 0.5.")
-    parser.add_argument("--vae_init", help="Start the VAE from the weights of an earlier one (a model folder) "
-                                           "wherever names and shapes match.")
+                        help="Share of the VAE's training clips from level 1, the moving objects (default 0.5; "
+                             "their share of all scenes is 1 in 16, too few for a VAE that compresses time).")
+    parser.add_argument("--vae_init", help="Start the VAE from the weights of an earlier one (a model folder or "
+                                           "vae/ folder) wherever names and shapes match (default: the previous "
+                                           "base's VAE, shipped in tasks/shapes/vae_warm_start; none: random).")
     parser.add_argument("--patch", type=int, default=2, choices=(1, 2),
                         help="The experts' spatial patch size: 2 gives a 64*64 frame 4*4 tokens, 1 gives 8*8.")
     parser.add_argument("--vae_check_videos", type=int, default=32,
                         help="Held-out renders per level whose VAE round trips the build card scores.")
     args = parser.parse_args(argv)
-    vae_flags = {"--vae_init": args.vae_init, "--vae_time_stride": args.vae_time_stride != 1,
-                 "--vae_z_dim": args.vae_z_dim != 16, "--vae_dim_mult": args.vae_dim_mult != (1, 2, 2, 2),
-                 "--vae_level1_share": args.vae_level1_share is not None}
-    if args.vae_from and any(vae_flags.values()):
-        conflicts = " and ".join(k for k, v in vae_flags.items() if v)
-        parser.error(f"--vae_from reuses a trained VAE as it is: drop {conflicts}")
+    given = [f"--{k}" for k in VAE_DEFAULTS if getattr(args, k) is not None]
+    if args.vae_from and given:
+        parser.error(f"--vae_from reuses a trained VAE as it is: drop {' and '.join(given)}")
+    for key, value in VAE_DEFAULTS.items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if args.vae_init == "none":
+        args.vae_init = None
     if args.vae_from and vae_folder(args.vae_from) is None:
         parser.error(f"--vae_from {args.vae_from}: no VAE there (want a model folder with vae/config.json)")
     if args.vae_init and vae_folder(args.vae_init) is None:
-        parser.error(f"--vae_init {args.vae_init}: no VAE there (want a model folder with vae/config.json)")
+        parser.error(f"--vae_init {args.vae_init}: no VAE there (want a model folder with vae/config.json, "
+                     "or none for a random start)")
     if args.vae_z_dim < 1 or not 0 < args.vae_lr < float("inf"):
         parser.error(f"--vae_z_dim {args.vae_z_dim} --vae_lr {args.vae_lr}: want z_dim >= 1 and a finite lr > 0")
-    if args.vae_level1_share is not None and not 0 <= args.vae_level1_share <= 1:
+    if not 0 <= args.vae_level1_share <= 1:
         parser.error(f"--vae_level1_share {args.vae_level1_share}: want a share in [0, 1]")
     if args.vae_check_videos < 1:
         parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
@@ -368,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae_from:
         card["vae_from"] = args.vae_from  # build_seconds then leaves out the VAE's training
     else:  # how the build trained its VAE (its shape is in card["vae"])
-        card.update(vae_steps=args.vae_steps, vae_lr=args.vae_lr, vae_init=args.vae_init,
+        card.update(vae_steps=args.vae_steps, vae_lr=args.vae_lr, vae_init=_shown(args.vae_init),
                     vae_level1_share=args.vae_level1_share)
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
     if out.exists():
