@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 
 def _rewards(cfg: dict) -> str:
     reward = cfg.get("reward") or "the task's default"
@@ -67,9 +65,11 @@ def model_card(cfg: dict, step: int, *, kind: str = "checkpoint", files: list[st
 
 def _shapes_pipeline_call(cfg: dict) -> str:
     """WanPipeline's call for a Shapes run: the base tokenizer's prompt length (WanPipeline pads to 512
-    tokens otherwise), one frame fewer, and the run's sampler settings (the preset's where unset)."""
+    tokens otherwise), one frame fewer when its VAE does not compress time, and the run's sampler settings
+    (the preset's where unset)."""
     from pathlib import Path
 
+    from wan_grpo.models.files import read_json
     from wan_grpo.models.loading import text_length
     from wan_grpo.specs import PRESETS
 
@@ -83,7 +83,7 @@ def _shapes_pipeline_call(cfg: dict) -> str:
     text_len = text_length(ckpt / "tokenizer")
     frames, fewer = int(setting("frame_num", preset.frame_num)), ""
     vae = ckpt / "vae" / "config.json"
-    if vae.is_file() and json.loads(vae.read_text()).get("scale_factor_temporal") == 1:
+    if vae.is_file() and read_json(vae).get("scale_factor_temporal") == 1:
         frames -= 1
         fewer = " and one frame fewer (WanPipeline adds one when the VAE has no temporal compression)"
     return (f"Call the pipeline with the Shapes model's prompt length{fewer}, with the run's sampler settings: "
