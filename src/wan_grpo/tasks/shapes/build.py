@@ -330,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae_from and given:
         parser.error(f"--vae_from reuses a trained VAE as it is: drop {' and '.join(given)}")
     for key, value in VAE_DEFAULTS.items():
-        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.vae_init == "none":
         args.vae_init = None
     if args.vae_from and vae_folder(args.vae_from) is None:
