@@ -188,6 +188,19 @@ def test_nft_run_logs_its_terms_and_trains_both_experts(tmp_path):
         assert max((after[k] - v).abs().max().item() for k, v in model.state_dict().items()) > 0
 
 
+def test_log_line_shows_nft_its_policy_drift_and_grpo_its_ratio(caplog):
+    from wan_grpo.grpo.metrics import log_row
+
+    common = {"step": 3, "reward_mean": 0.5, "reward_std": 0.1, "loss": 0.2, "grad_norm_high": 1.0,
+              "grad_norm_low": 2.0, "rollout_seconds": 1.0, "reward_seconds": 0.1, "train_seconds": 0.5}
+    with caplog.at_level("INFO", logger="wan_grpo"):
+        log_row({**common, "ratio_mean": float("nan"), "clipfrac": float("nan"), "old_deviation": 0.00123})
+        log_row({**common, "ratio_mean": 1.000002, "clipfrac": 0.25})
+    nft, grpo = (r.getMessage() for r in caplog.records[-2:])
+    assert "old_dev 0.00123" in nft and "nan" not in nft and "ratio" not in nft
+    assert "ratio 1.000002  clip 0.250" in grpo and "old_dev" not in grpo
+
+
 def test_noise_draws_replay_each_level_with_fresh_noise(tmp_path):
     """--nft_noise_draws D trains every (sample, level) D times in the same optimizer step, each copy
     with its own noise from the sample's stream."""

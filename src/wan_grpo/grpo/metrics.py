@@ -123,10 +123,15 @@ def read_metrics(save_dir: str | Path) -> list[dict]:
 
 
 def log_row(row: dict) -> None:
-    log.info("step %d  reward %.4f +- %.4f  loss %.3g  ratio %.6f  clip %.3f  grad %.3g/%.3g  "
-             "(rollout %.1fs reward %.1fs train %.1fs)", row["step"], row["reward_mean"], row["reward_std"],
-             row["loss"], row["ratio_mean"], row["clipfrac"], row["grad_norm_high"], row["grad_norm_low"],
-             row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
+    """One line per optimizer step. The PPO ratio and clip fraction are GRPO's; an NFT row (no ratio: they
+    are NaN) shows how far the policy has moved from its old copy instead."""
+    if row.get("old_deviation") is not None:
+        policy = f"old_dev {row['old_deviation']:.3g}"
+    else:
+        policy = f"ratio {row['ratio_mean']:.6f}  clip {row['clipfrac']:.3f}"
+    log.info("step %d  reward %.4f +- %.4f  loss %.3g  %s  grad %.3g/%.3g  (rollout %.1fs reward %.1fs train %.1fs)",
+             row["step"], row["reward_mean"], row["reward_std"], row["loss"], policy, row["grad_norm_high"],
+             row["grad_norm_low"], row["rollout_seconds"], row["reward_seconds"], row["train_seconds"])
 
 
 def print_summary(save_dir: Path) -> None:
