@@ -309,7 +309,8 @@ def test_a_build_with_other_vae_flags_and_patch_one_experts(tmp_path, capsys):
             build(["--out", str(out), "--work", str(tmp_path / "bad"), flag, str(tmp_path / "nowhere")])
         assert f"{flag} {tmp_path / 'nowhere'}: no VAE there" in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
-    for bad, says in ((["--vae_z_dim", "0"], "want z_dim >= 1 and a finite lr > 0"),
+    for bad, says in ((["--vae_steps", "0"], "--vae_steps 0: want >= 1"),
+                      (["--vae_z_dim", "0"], "want z_dim >= 1 and a finite lr > 0"),
                       (["--vae_lr", "nan"], "want z_dim >= 1 and a finite lr > 0"),
                       (["--vae_lr", "-1"], "want z_dim >= 1 and a finite lr > 0"),
                       (["--vae_level1_share", "1.5"], "want a share in [0, 1]"),

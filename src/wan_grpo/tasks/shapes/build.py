@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.vae_init and vae_folder(args.vae_init) is None:
         parser.error(f"--vae_init {args.vae_init}: no VAE there (want a model folder with vae/config.json, "
                      "or none for a random start)")
+    if args.vae_steps < 1:
+        parser.error(f"--vae_steps {args.vae_steps}: want >= 1 (to keep a trained VAE, give --vae_from instead)")
     if args.vae_z_dim < 1 or not 0 < args.vae_lr < float("inf"):
         parser.error(f"--vae_z_dim {args.vae_z_dim} --vae_lr {args.vae_lr}: want z_dim >= 1 and a finite lr > 0")
     if not 0 <= args.vae_level1_share <= 1:
