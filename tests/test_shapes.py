@@ -422,9 +422,12 @@ def test_shipped_base_half_follows_heldout_prompts(tmp_path, level, samples, ban
     out = tmp_path / "eval"
     assert main(["eval", "--task", "shapes", "--prompts", f"shapes:{level}:heldout", "--num_samples", str(samples),
                  "--save_dir", str(out)]) == 0
-    videos = json.loads((out / "eval.json").read_text())["videos"]
+    result = json.loads((out / "eval.json").read_text())
+    videos = result["videos"]
     accuracy = [v["accuracy"] for v in videos]
     assert len(accuracy) >= 64
+    squares = [v["accuracy"] for v in videos if "square" in v["prompt"]]
+    assert result["by_attribute"]["shape"]["square"] == {"accuracy": pytest.approx(np.mean(squares)), "n": len(squares)}
     assert band[0] <= sum(accuracy) / len(accuracy) <= band[1], sum(accuracy) / len(accuracy)
     if level == 1:
         assert sum(v["motion"] for v in videos) / len(videos) >= 0.8
@@ -443,4 +446,24 @@ def test_demo_trains_then_compares_base_and_trained_on_heldout_prompts(tmp_path,
     for level, videos in ((1, 120), (2, 216)):
         line = next(x for x in out.splitlines() if x.startswith(f"level {level} held-out accuracy: base "))
         assert f"{videos} videos" in line and "->" in line and "paired" in line
+        by_shape = out.splitlines()[out.splitlines().index(line) + 1]
+        assert by_shape.startswith("  by shape: circle ") and " square " in by_shape and " triangle " in by_shape
         assert (save / f"eval-trained-level{level}" / "compare" / "grid.mp4").stat().st_size > 0
+
+
+def test_accuracy_by_attribute_counts_each_object_of_a_level2_video():
+    from wan_grpo.tasks.shapes.breakdown import by_attribute, format_breakdown
+
+    videos = [{"prompt": "a red square moving left", "accuracy": 0.0},
+              {"prompt": "a red circle moving up", "accuracy": 1.0},
+              {"prompt": "a blue square above a red triangle", "accuracy": 1.0},
+              {"prompt": "a blue circle left of a green circle", "accuracy": None}]  # unscored: left out
+    table = by_attribute(videos)
+    assert table["colour"] == {"blue": {"accuracy": 1.0, "n": 1}, "red": {"accuracy": 2 / 3, "n": 3}}
+    assert table["shape"] == {"circle": {"accuracy": 1.0, "n": 1}, "square": {"accuracy": 0.5, "n": 2},
+                              "triangle": {"accuracy": 1.0, "n": 1}}
+    assert table["direction"] == {"left": {"accuracy": 0.0, "n": 1}, "up": {"accuracy": 1.0, "n": 1}}
+    assert table["relation"] == {"above": {"accuracy": 1.0, "n": 1}}
+    assert format_breakdown(table)[1] == "shape: circle 1.00 (1), square 0.50 (2), triangle 1.00 (1)"
+    assert by_attribute([{"prompt": "a red circle moving up", "accuracy": 1.0}]).keys() == {"colour", "shape",
+                                                                                             "direction"}

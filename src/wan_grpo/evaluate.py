@@ -24,7 +24,7 @@ from wan_grpo.grpo.checkpoint import apply_checkpoint, check_trained_checkpoint
 from wan_grpo.grpo.data import load_prompt_records
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.rewards import build_rewards, check_reward_flags
+from wan_grpo.rewards import build_rewards, check_reward_flags, parse_reward_spec
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_config, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
@@ -32,6 +32,7 @@ from wan_grpo.sampling.rollout import SamplerConfig, initial_noise, latent_shape
 from wan_grpo.sampling.schedule import MULTISTEP
 from wan_grpo.seeding import seed_everything
 from wan_grpo.specs import PRESETS, default_reward
+from wan_grpo.tasks.shapes.breakdown import by_attribute, format_breakdown
 from wan_grpo.video import read_mp4, write_mp4
 
 log = logging.getLogger("wan_grpo")
@@ -142,6 +143,8 @@ def run_eval(cfg: EvalConfig) -> Path:
     names = list(rewards.coefs)
     result = {"config": dataclasses.asdict(cfg), "components": names, "videos": rows,
               "summary": summarize(rows, names)}
+    if "shapes" in [name for name, _ in parse_reward_spec(cfg.reward or default_reward(cfg.task))]:
+        result["by_attribute"] = by_attribute(rows)
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     with (out / "eval.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["prompt_index", "seed", "prompt", "video", *names])
@@ -149,6 +152,8 @@ def run_eval(cfg: EvalConfig) -> Path:
         writer.writerows(rows)
     for c, s in result["summary"].items():
         print(f"{c}: {s['mean']:.4f} +- {s['stderr']:.4f} (n={s['n']})")
+    if "by_attribute" in result:
+        print("accuracy by " + "\naccuracy by ".join(format_breakdown(result["by_attribute"])))
     if base is not None:
         compare(base, result, out, base_dir=Path(cfg.compare_to), fps=cfg.fps)
     print(f"eval: {out / 'eval.json'}, {out / 'eval.csv'}")

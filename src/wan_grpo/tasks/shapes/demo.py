@@ -3,7 +3,8 @@
 Runs ``wan-grpo train --config configs/shapes-demo.yaml`` and, for each level, ``wan-grpo eval`` of
 the base model and of the trained checkpoint on the held-out prompts (same seeds), whose
 ``--compare_to`` table gives paired deltas with standard errors and whose ``compare/grid.mp4``
-shows base | trained side by side. Each command is printed before it runs.
+shows base | trained side by side; a line per level gives each shape's accuracy (a shape the base
+never draws is a ceiling on what training can show). Each command is printed before it runs.
 
 ``python -m wan_grpo.tasks.shapes.demo [--save_dir runs/demo] [--config FILE] [flags for train...]``
 """
@@ -50,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
                        f"trained {row['trained']:.3f} +- {row['trained_stderr']:.3f} ({row['delta']:+.3f} +- "
                        f"{row['delta_stderr']:.3f} paired, {row['n']} videos); side by side: "
                        f"{trained / 'compare' / 'grid.mp4'}")
+        shapes = [json.loads((d / "eval.json").read_text())["by_attribute"]["shape"] for d in (base, trained)]
+        summary.append("  by shape: " + ", ".join(f"{name} {shapes[0][name]['accuracy']:.2f} -> "
+                                                  f"{shapes[1][name]['accuracy']:.2f} ({shapes[1][name]['n']})"
+                                                  for name in shapes[1]))
     print("\n".join(["", *summary]))
     return 0
 
