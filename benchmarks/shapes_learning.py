@@ -73,6 +73,8 @@ SETTINGS = {
     # both experts: the low-noise one draws edges and colours, where a better-drawing base's errors are
     "nft-k3": replaced(NFT_HIGH_K3, train_experts="both"),
     "nft-k3-lr3e-4": replaced(NFT_HIGH_K3, train_experts="both", learning_rate="3e-4"),
+    # graded shape beside accuracy: a square no sample passes still has a fill to climb
+    "nft-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="both"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
                  "--timestep_fraction", "0.3", "--train_batch_size", "32"],
 }
