@@ -194,10 +194,12 @@ def test_log_line_shows_nft_its_policy_drift_and_grpo_its_ratio(caplog):
     common = {"step": 3, "reward_mean": 0.5, "reward_std": 0.1, "loss": 0.2, "grad_norm_high": 1.0,
               "grad_norm_low": 2.0, "rollout_seconds": 1.0, "reward_seconds": 0.1, "train_seconds": 0.5}
     with caplog.at_level("INFO", logger="wan_grpo"):
-        log_row({**common, "ratio_mean": float("nan"), "clipfrac": float("nan"), "old_deviation": 0.00123})
+        log_row({**common, "ratio_mean": float("nan"), "clipfrac": float("nan"), "old_deviation": 0.00123}, nft=True)
+        log_row({**common, "ratio_mean": float("nan"), "clipfrac": float("nan")}, nft=True)  # a skipped update
         log_row({**common, "ratio_mean": 1.000002, "clipfrac": 0.25})
-    nft, grpo = (r.getMessage() for r in caplog.records[-2:])
+    nft, skipped, grpo = (r.getMessage() for r in caplog.records[-3:])
     assert "old_dev 0.00123" in nft and "nan" not in nft and "ratio" not in nft
+    assert "old_dev nan" in skipped and "ratio" not in skipped
     assert "ratio 1.000002  clip 0.250" in grpo and "old_dev" not in grpo
 
 

@@ -457,7 +457,9 @@ def test_accuracy_by_attribute_counts_each_object_of_a_level2_video():
     videos = [{"prompt": "a red square moving left", "accuracy": 0.0},
               {"prompt": "a red circle moving up", "accuracy": 1.0},
               {"prompt": "a blue square above a red triangle", "accuracy": 1.0},
-              {"prompt": "a blue circle left of a green circle", "accuracy": None}]  # unscored: left out
+              {"prompt": "a blue circle left of a green circle", "accuracy": None},  # unscored: left out
+              {"prompt": "a green circle left of a red circle", "accuracy": float("nan")},  # left out
+              {"prompt": "a cat in the snow", "accuracy": 1.0}]  # outside the grammar: left out
     table = by_attribute(videos)
     assert table["colour"] == {"blue": {"accuracy": 1.0, "n": 1}, "red": {"accuracy": 2 / 3, "n": 3}}
     assert table["shape"] == {"circle": {"accuracy": 1.0, "n": 1}, "square": {"accuracy": 0.5, "n": 2},
@@ -467,3 +469,7 @@ def test_accuracy_by_attribute_counts_each_object_of_a_level2_video():
     assert format_breakdown(table)[1] == "shape: circle 1.00 (1), square 0.50 (2), triangle 1.00 (1)"
     assert by_attribute([{"prompt": "a red circle moving up", "accuracy": 1.0}]).keys() == {"colour", "shape",
                                                                                              "direction"}
+    # two circles: the video counts once under circle; each colour once
+    same = by_attribute([{"prompt": "a green circle left of a red circle", "accuracy": 1.0}])
+    assert same["shape"] == {"circle": {"accuracy": 1.0, "n": 1}} and same["colour"]["red"]["n"] == 1
+    assert by_attribute([{"prompt": "a cat in the snow", "accuracy": 1.0}]) == {}

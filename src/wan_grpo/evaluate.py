@@ -24,7 +24,7 @@ from wan_grpo.grpo.checkpoint import apply_checkpoint, check_trained_checkpoint
 from wan_grpo.grpo.data import load_prompt_records
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.vae import decode_latents
-from wan_grpo.rewards import build_rewards, check_reward_flags, parse_reward_spec
+from wan_grpo.rewards import build_rewards, check_reward_flags
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_config, resolve_device
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
@@ -143,8 +143,9 @@ def run_eval(cfg: EvalConfig) -> Path:
     names = list(rewards.coefs)
     result = {"config": dataclasses.asdict(cfg), "components": names, "videos": rows,
               "summary": summarize(rows, names)}
-    if "shapes" in [name for name, _ in parse_reward_spec(cfg.reward or default_reward(cfg.task))]:
-        result["by_attribute"] = by_attribute(rows)
+    breakdown = by_attribute(rows)  # empty unless the videos have an accuracy and Shapes prompts
+    if breakdown:
+        result["by_attribute"] = breakdown
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     with (out / "eval.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["prompt_index", "seed", "prompt", "video", *names])

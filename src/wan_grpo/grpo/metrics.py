@@ -122,11 +122,11 @@ def read_metrics(save_dir: str | Path) -> list[dict]:
     return rows
 
 
-def log_row(row: dict) -> None:
+def log_row(row: dict, *, nft: bool = False) -> None:
     """One line per optimizer step. The PPO ratio and clip fraction are GRPO's; an NFT row (no ratio: they
-    are NaN) shows how far the policy has moved from its old copy instead."""
-    if row.get("old_deviation") is not None:
-        policy = f"old_dev {row['old_deviation']:.3g}"
+    are NaN) shows how far the policy has moved from its old copy instead (NaN on a skipped update)."""
+    if nft:
+        policy = f"old_dev {row.get('old_deviation', math.nan):.3g}"
     else:
         policy = f"ratio {row['ratio_mean']:.6f}  clip {row['clipfrac']:.3f}"
     log.info("step %d  reward %.4f +- %.4f  loss %.3g  %s  grad %.3g/%.3g  (rollout %.1fs reward %.1fs train %.1fs)",

@@ -391,7 +391,7 @@ def _loop(run: Run, stop: StopRequests) -> Path:
                 run.last_sample = None
             step = rows[-1]["step"]
             if cfg.log_interval and (r + 1) % cfg.log_interval == 0:
-                log_row(rows[-1])
+                log_row(rows[-1], nft=cfg.algorithm == "nft")
             if (cfg.save_interval and (r + 1) * k // cfg.save_interval > r * k // cfg.save_interval) or r + 1 == total:
                 save_checkpoint(run.save_dir, step, run.policy, _state(run, r + 1), is_main=main,
                                 keep=cfg.keep_checkpoints)

@@ -2,7 +2,7 @@
 
 A mean over a prompt set hides a value the model never gets right: the shipped base draws no square
 on a moving-object prompt, so a third of level 1's held-out videos score 0 whatever RL does to the
-rest. A level-2 video counts under both of its objects' colours and shapes.
+rest. A level-2 video counts once under each distinct colour and shape of its two objects.
 """
 
 from __future__ import annotations
@@ -11,25 +11,31 @@ import math
 
 import numpy as np
 
+from wan_grpo.errors import UserError
 from wan_grpo.tasks.shapes.world import parse
 
 ATTRIBUTES = ("colour", "shape", "direction", "relation")
 
 
-def _values(prompt: str) -> dict[str, set[str]]:
-    scene = parse(prompt)
+def _values(prompt: str) -> dict[str, set[str]] | None:
+    try:
+        scene = parse(prompt)
+    except UserError:  # outside the grammar (another task's prompt scored by a reward with an accuracy)
+        return None
     return {"colour": {o.colour for o in scene.objects}, "shape": {o.shape for o in scene.objects},
             "direction": {scene.direction} - {None}, "relation": {scene.relation} - {None}}
 
 
 def by_attribute(videos: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
     """{attribute: {value: {"accuracy": mean, "n": videos}}} over ``videos`` (eval rows with a prompt
-    and an accuracy); values sorted by name, attributes no video has left out."""
+    and an accuracy); values sorted by name, attributes no video has left out. A video without a finite
+    accuracy or with a prompt outside the grammar is left out, so other tasks' evals give {}."""
     scores: dict[str, dict[str, list[float]]] = {a: {} for a in ATTRIBUTES}
     for video in videos:
-        if video.get("accuracy") is None or not math.isfinite(video["accuracy"]):
+        found = _values(video["prompt"])
+        if found is None or video.get("accuracy") is None or not math.isfinite(video["accuracy"]):
             continue
-        for attribute, values in _values(video["prompt"]).items():
+        for attribute, values in found.items():
             for value in values:
                 scores[attribute].setdefault(value, []).append(video["accuracy"])
     return {a: {v: {"accuracy": float(np.mean(s)), "n": len(s)} for v, s in sorted(by.items())}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{row['delta_stderr']:.3f} paired, {row['n']} videos); side by side: "
                        f"{trained / 'compare' / 'grid.mp4'}")
         shapes = [json.loads((d / "eval.json").read_text())["by_attribute"]["shape"] for d in (base, trained)]
-        summary.append("  by shape: " + ", ".join(f"{name} {shapes[0][name]['accuracy']:.2f} -> "
+        summary.append("  by shape: " + ", ".join(f"{name} {shapes[0].get(name, {}).get('accuracy', math.nan):.2f} -> "
                                                   f"{shapes[1][name]['accuracy']:.2f} ({shapes[1][name]['n']})"
                                                   for name in shapes[1]))
     print("\n".join(["", *summary]))
