@@ -12,18 +12,19 @@ import math
 import numpy as np
 
 from wan_grpo.errors import UserError
+from wan_grpo.tasks.shapes.splits import attributes
 from wan_grpo.tasks.shapes.world import parse
 
 ATTRIBUTES = ("colour", "shape", "direction", "relation")
 
 
-def _values(prompt: str) -> dict[str, set[str]] | None:
+def _values(prompt: str) -> list[tuple[str, str]] | None:
+    """(attribute, value) pairs of a prompt, each distinct value once (the splits' own reading)."""
     try:
         scene = parse(prompt)
     except UserError:  # outside the grammar (another task's prompt scored by a reward with an accuracy)
         return None
-    return {"colour": {o.colour for o in scene.objects}, "shape": {o.shape for o in scene.objects},
-            "direction": {scene.direction} - {None}, "relation": {scene.relation} - {None}}
+    return [tuple(item.split(":", 1)) for item in attributes(scene)]
 
 
 def by_attribute(videos: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
@@ -35,9 +36,8 @@ def by_attribute(videos: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
         found = _values(video["prompt"])
         if found is None or video.get("accuracy") is None or not math.isfinite(video["accuracy"]):
             continue
-        for attribute, values in found.items():
-            for value in values:
-                scores[attribute].setdefault(value, []).append(video["accuracy"])
+        for attribute, value in found:
+            scores[attribute].setdefault(value, []).append(video["accuracy"])
     return {a: {v: {"accuracy": float(np.mean(s)), "n": len(s)} for v, s in sorted(by.items())}
             for a, by in scores.items() if by}
 

@@ -21,7 +21,8 @@ SPLIT_SEED = 2026
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 
 
-def _attributes(scene: Scene) -> set[str]:
+def attributes(scene: Scene) -> set[str]:
+    """Every attribute value a scene names, as 'colour:red', 'shape:circle', 'direction:left', ..."""
     out = {f"colour:{o.colour}" for o in scene.objects} | {f"shape:{o.shape}" for o in scene.objects}
     return out | {f"direction:{scene.direction}", f"relation:{scene.relation}"} - {"direction:None", "relation:None"}
 
@@ -30,13 +31,13 @@ def make_splits(level: int, seed: int = SPLIT_SEED) -> dict[str, list[str]]:
     """{split: prompts} from a seeded shuffle of every prompt of ``level``, reshuffled (next seed)
     until training holds every attribute value."""
     scenes = all_scenes(level)
-    everything = set().union(*map(_attributes, scenes))
+    everything = set().union(*map(attributes, scenes))
     for attempt in range(100):
         order = np.random.default_rng(seed + attempt).permutation(len(scenes))
         n_train = round(FRACTIONS[0] * len(scenes))
         n_val = round(FRACTIONS[1] * len(scenes))
         parts = (order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:])
-        train_attrs = set().union(*(_attributes(scenes[i]) for i in parts[0]))
+        train_attrs = set().union(*(attributes(scenes[i]) for i in parts[0]))
         if train_attrs == everything:
             return {name: [scenes[i].prompt() for i in sorted(idx)] for name, idx in zip(SPLITS, parts)}
     raise RuntimeError("no split keeps every attribute in training")
