@@ -4,17 +4,23 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Without CUDA, install the CPU torch wheel first so nothing pulls a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
+# ... and the rest at the versions CI passed with (CONSTRAINTS= for the newest); a CUDA machine gets the loose ones.
+CONSTRAINTS ?= constraints.txt
 DEMO_DIR  ?= runs/demo
 
 .PHONY: demo demo-tiny test lint install clean shapes-base
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_CPU)"; fi
-	$(PY) -m pip install -q -e ".[test]"
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q -e ".[test]"; \
+	else \
+		$(PY) -m pip install -q "$(TORCH_CPU)" && \
+		$(PY) -m pip install -q -e ".[test]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS)); \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)
