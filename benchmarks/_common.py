@@ -22,6 +22,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one repeat, nothing recorded (CI)")
+    p.add_argument("--record", action="store_true",
+                   help="also append the table, with the machine and this command, to docs/benchmarks.md "
+                        "(and write a plot under docs/ where the script draws one); without it a probe only prints")
     p.add_argument("--device", default="auto")
     p.add_argument("--repeats", type=int, default=3)
     return p
@@ -73,10 +76,11 @@ def machine(device) -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads; torch {torch.__version__}"
 
 
-def record(title: str, device, lines: list[str], smoke: bool) -> None:
-    """Print the table; in full mode append it to docs/benchmarks.md with the machine and command."""
+def record(title: str, device, lines: list[str], args: argparse.Namespace) -> None:
+    """Print the table; with ``--record`` (never with ``--smoke``) append it to docs/benchmarks.md with the
+    machine and command."""
     print("\n".join(lines))
-    if smoke:
+    if args.smoke or not args.record:
         return
     command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     block = [f"\n### {title} ({datetime.date.today().isoformat()})", "",

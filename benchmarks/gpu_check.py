@@ -203,7 +203,7 @@ def main():
     kind = "toy (smoke)" if args.smoke else "A14B"
     lines = [f"{kind} block dimensions, {args.blocks} of 40 blocks per expert, {width}*{height} x {args.frame_num} "
              f"frames ({seq} tokens), LoRA r{args.lora_rank}, bf16", "", "| check | result |", "|---|---|", *rows]
-    record("GPU check", device, lines, args.smoke)
+    record("GPU check", device, lines, args)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def main():
     lines = [f"{args.size} x {args.frame_num} frames, {args.steps} steps, {args.videos} videos", "",
              "| storage dtype | stored per trajectory (MiB) | lower bound (MiB) | ratio | peak RSS added (MiB) "
              "| peak GPU (MiB) |", "|---|---|---|---|---|---|", *rows]
-    record("Trajectory memory", device, lines, args.smoke)
+    record("Trajectory memory", device, lines, args)
 
 
 if __name__ == "__main__":

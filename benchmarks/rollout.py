@@ -64,7 +64,7 @@ def main():
              f"| diffusers WanPipeline (latents out) | {base:.3f} | 1.00 |",
              f"| wan-grpo Euler, batched CFG | {t_euler:.3f} | {t_euler / base:.2f} |",
              f"| wan-grpo group rollout: SDE + log-probs + stored trajectory | {t_sde:.3f} | {t_sde / base:.2f} |"]
-    record("Rollout vs WanPipeline", device, lines, args.smoke)
+    record("Rollout vs WanPipeline", device, lines, args)
 
 
 if __name__ == "__main__":

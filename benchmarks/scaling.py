@@ -45,7 +45,7 @@ def main():
                         f"{t / first:.2f} |")
     lines = ["tiny model (64*64), LoRA r8 on both experts, batch 1 prompt", "",
              "| variant | group | steps | frames | s / step | vs base |", "|---|---|---|---|---|---|", *rows]
-    record("Scaling of a GRPO step", resolve_device(args.device), lines, args.smoke)
+    record("Scaling of a GRPO step", resolve_device(args.device), lines, args)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,8 @@ SETTINGS = {
     # both experts: the low-noise one draws edges and colours, where a better-drawing base's errors are
     "nft-k3": replaced(NFT_HIGH_K3, train_experts="both"),
     "nft-k3-lr3e-4": replaced(NFT_HIGH_K3, train_experts="both", learning_rate="3e-4"),
+    # the rate decays to 0 at the run's last rollout: does the level-2 gain then keep its peak?
+    "nft-k3-cosine": [*replaced(NFT_HIGH_K3, train_experts="both"), "--lr_schedule", "cosine"],
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
     "nft-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="both"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
@@ -137,7 +139,8 @@ def main() -> None:
     p.add_argument("--num_samples", type=int, default=8)
     p.add_argument("--ckpt_dir", default=str(BASE_DIR))
     p.add_argument("--work", default="runs/shapes-learning")
-    p.add_argument("--plot", default=None, help="PNG name under docs/ (default shapes-learning-lLEVEL-SPLIT.png)")
+    p.add_argument("--plot", default=None, help="PNG name, under docs/ with --record, else under --work "
+                                                "(default shapes-learning-lLEVEL-SPLIT.png)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="shapes-learning-")) if args.smoke else Path(args.work)
     if args.smoke:
@@ -187,8 +190,9 @@ def main() -> None:
                          f"{statistics.mean(means):.3f} +- {spread:.3f} | {statistics.mean(changes):+.3f} +- "
                          f"{change_se:.3f} | {len(runs)} | {_components(evals[(name, step)])} |")
     if not args.smoke:
-        _plot(results, base_mean, DOCS.parent / (args.plot or f"shapes-learning-l{args.level}-{args.split}.png"))
-    record(f"Shapes learning, level {args.level} ({args.split})", _cpu(), lines, args.smoke)
+        _plot(results, base_mean, (DOCS.parent if args.record else work) /
+              (args.plot or f"shapes-learning-l{args.level}-{args.split}.png"))
+    record(f"Shapes learning, level {args.level} ({args.split})", _cpu(), lines, args)
 
 
 def _rollouts(spec: str, settings: list[str]) -> dict[str, int]:

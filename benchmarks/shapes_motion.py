@@ -119,7 +119,7 @@ def main() -> None:
         (gh, eh, rh), (gl, el, rl) = g["transformer"], g["transformer_2"]
         lines.append(f"| {name} | {m['videos']} | {m['motion']:.3f} | {m['axis']:.3f} | {m['sign']:.3f} | "
                      f"{gh:.3f}, {gl:.3f} | {eh:.3f} / {rh:.3f} | {el:.3f} / {rl:.3f} |")
-    record("Shapes level-1 motion: axis, sign and time reversal", torch.device("cpu"), lines, args.smoke)
+    record("Shapes level-1 motion: axis, sign and time reversal", torch.device("cpu"), lines, args)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def main() -> None:
             cells += [f"{statistics.mean(acc):.3f} +- {stderr(acc):.3f}", _components([out / f"eval-{tag}"])]
         cells += ["not run (smoke)"] * (4 - len(cells))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    record(f"Shapes self-teaching check, level {args.level}", _cpu(), lines, args.smoke)
+    record(f"Shapes self-teaching check, level {args.level}", _cpu(), lines, args)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def main():
     lines = [f"{args.layers} layers, width {args.heads * args.head_dim}, {args.size} x {args.frame_num} frames, "
              f"batch {args.batch}", "", "| | bare fwd+bwd (s) | replay step (s) | replay / bare |",
              "|---|---|---|---|", *rows]
-    record("Training step: replay vs bare forward+backward", device, lines, args.smoke)
+    record("Training step: replay vs bare forward+backward", device, lines, args)
 
 
 if __name__ == "__main__":

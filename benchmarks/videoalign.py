@@ -68,7 +68,7 @@ def main():
              "| | seconds | ours / peers |", "|---|---|---|",
              f"| peers: temp mp4 per video, scored one at a time | {t_peers:.3f} | 1.00 |",
              f"| wan-grpo: in memory, batched | {t_ours:.3f} | {t_ours / t_peers:.2f} |"]
-    record("VideoAlign scoring vs temp-mp4 one-at-a-time", device, lines, args.smoke)
+    record("VideoAlign scoring vs temp-mp4 one-at-a-time", device, lines, args)
 
 
 if __name__ == "__main__":

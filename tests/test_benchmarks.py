@@ -1,5 +1,6 @@
 """Every benchmark runs in smoke mode (tiny sizes, nothing recorded): the scripts stay working."""
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +20,21 @@ def test_benchmark_smoke(script):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "|---|" in out.stdout
     assert docs.read_text() == before  # smoke mode records nothing
+
+
+def test_record_appends_only_when_asked(tmp_path, monkeypatch, capsys):
+    """A full run without --record only prints, so a probe leaves docs/benchmarks.md as it was."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _common
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+    monkeypatch.setattr(_common, "DOCS", docs)
+    lines = ["| a | b |", "|---|---|", "| 1 | 2 |"]
+    for smoke, record in ((False, False), (True, True)):
+        _common.record("Probe", _common.torch.device("cpu"), lines, argparse.Namespace(smoke=smoke, record=record))
+        assert docs.read_text() == "# Benchmarks\n"
+    _common.record("Probe", _common.torch.device("cpu"), lines, argparse.Namespace(smoke=False, record=True))
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\n### Probe (") and "| 1 | 2 |" in text and "Machine: " in text
+    assert capsys.readouterr().out.count("| 1 | 2 |") == 3  # printed every time
