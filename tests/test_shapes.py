@@ -247,6 +247,7 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
     """``make shapes-base`` in miniature (its VAE defaults but 3 steps, 4 SFT steps of both experts, 2 of the
     high-noise expert, level-1 data): two builds write the same weights, the first losses are the recorded
     ones, the card records the VAE's recipe, and the result loads as a --task shapes model."""
+    import argparse
     import json
 
     from safetensors.torch import load_file
@@ -255,6 +256,7 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
     from wan_grpo.grpo.metrics import read_metrics
     from wan_grpo.runtime import load_model
     from wan_grpo.tasks.shapes.build import main as build
+    from wan_grpo.tasks.shapes.build import vae_recipe
 
     args = ["--vae_steps", "3", "--stage", "both:4:2e-3:1", "--stage", "high:2:1e-3:2", "--dataset", "shapes:1",
             "--vae_check_videos", "1"]
@@ -277,6 +279,37 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
     assert high == pytest.approx(RECORDED_HIGH, rel=1e-3)
     components, cfg, _, _ = load_model(SampleConfig(ckpt_dir=str(tmp_path / "a" / "model")), load_text_encoder=False)
     assert cfg.task == "shapes" and components.transformer_2 is not None
+    # work/init (trained VAE, random experts) carries its VAE's card, so a build reusing it records the recipe
+    init = json.loads((tmp_path / "a" / "work" / "init" / "build.json").read_text())
+    assert init["vae_steps"] == 3 and init["vae_round_trip"] == card["vae_round_trip"]
+    reused = vae_recipe(argparse.Namespace(vae_from=str(tmp_path / "a" / "work" / "init")))
+    assert reused["vae_from_recipe"] == {k: card[k] for k in ("vae_steps", "vae_lr", "vae_init", "vae_level1_share")}
+
+
+def test_the_card_of_a_build_with_vae_from_records_the_reused_vaes_recipe(tmp_path):
+    """--vae_from records the folder and the recipe on the build.json beside that VAE (the shipped base's: its
+    2500 steps), null for a VAE without one; a malformed one is refused before anything is written."""
+    import argparse
+    import json
+    import shutil
+
+    from wan_grpo.tasks.shapes import BASE_DIR
+    from wan_grpo.tasks.shapes.build import main as build
+    from wan_grpo.tasks.shapes.build import vae_recipe
+
+    shipped = json.loads((BASE_DIR / "build.json").read_text())
+    recipe = vae_recipe(argparse.Namespace(vae_from=str(BASE_DIR)))
+    assert recipe["vae_from"] == "tasks/shapes/base"  # inside the package: no machine's path
+    assert recipe["vae_from_recipe"]["vae_steps"] == shipped["vae_steps"] == 2500
+    assert recipe["vae_from_recipe"]["vae_init"] == "tasks/shapes/vae_warm_start"
+    bare = tmp_path / "bare"
+    shutil.copytree(BASE_DIR / "vae", bare / "vae")
+    assert vae_recipe(argparse.Namespace(vae_from=str(bare))) == {"vae_from": str(bare), "vae_from_recipe": None}
+    assert vae_recipe(argparse.Namespace(vae_from=str(bare / "vae")))["vae_from_recipe"] is None
+    (bare / "build.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        build(["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--vae_from", str(bare)])
+    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
 
 
 # recorded on the CI machine's CPU (x86-64, torch 2.13.0 CPU wheel); other CPUs may round differently

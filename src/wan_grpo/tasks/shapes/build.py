@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
+from wan_grpo.errors import UserError
+from wan_grpo.models.files import read_json
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.trainer import run_sft
 from wan_grpo.specs import PRESETS, TASK_KEY, Expert
@@ -286,6 +288,21 @@ def _shown(folder: str | None) -> str | None:
     return path.relative_to(package).as_posix() if path.is_relative_to(package) else folder
 
 
+VAE_RECIPE_KEYS = ("vae_steps", "vae_lr", "vae_init", "vae_level1_share", "vae_from", "vae_from_recipe")
+
+
+def vae_recipe(args: argparse.Namespace) -> dict:
+    """How the build's VAE was made, for the card: the flags it trained with, or with --vae_from that folder
+    and the recipe on the build.json beside the VAE reused (null where it has none)."""
+    if not args.vae_from:
+        return dict(vae_steps=args.vae_steps, vae_lr=args.vae_lr, vae_init=_shown(args.vae_init),
+                    vae_level1_share=args.vae_level1_share)
+    card = vae_folder(args.vae_from).parent / "build.json"
+    source = read_json(card) if card.is_file() else {}
+    return {"vae_from": _shown(args.vae_from),
+            "vae_from_recipe": {k: source[k] for k in VAE_RECIPE_KEYS if k in source} or None}
+
+
 def _dim_mult(text: str) -> tuple[int, ...]:
     try:
         mult = tuple(int(m) for m in text.split(","))
@@ -347,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--vae_level1_share {args.vae_level1_share}: want a share in [0, 1]")
     if args.vae_check_videos < 1:
         parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
+    try:
+        recipe = vae_recipe(args)
+    except UserError as exc:  # a malformed build.json beside the reused VAE
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     work, out = Path(args.work), Path(args.out)
@@ -372,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     init = work / "init"
     shutil.rmtree(init, ignore_errors=True)
     save_pipeline(random_pipeline(vae, patch=args.patch), init)
+    vae_shape = {k: vae.config[k] for k in ("z_dim", "scale_factor_temporal", "dim_mult")}
+    vae_card = {"vae_round_trip": vae_report, "vae": vae_shape, **recipe}
+    (init / "build.json").write_text(json.dumps(vae_card, indent=2) + "\n")  # so --vae_from init finds the recipe
     stages = tuple(args.stage or STAGES)
     current, final = init, {}
     for i, stage in enumerate(stages):
@@ -389,14 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         _assemble(init, final, current)
     assembled = out.with_name(f".{out.name}.tmp")
     _assemble(init, final, assembled)
-    vae_shape = {k: vae.config[k] for k in ("z_dim", "scale_factor_temporal", "dim_mult")}
+    # with --vae_from, build_seconds leaves out the VAE's training
     card = {"vae_round_trip": vae_report, "vae": vae_shape, "patch": args.patch,
-            "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0)}
-    if args.vae_from:
-        card["vae_from"] = args.vae_from  # build_seconds then leaves out the VAE's training
-    else:  # how the build trained its VAE (its shape is in card["vae"])
-        card.update(vae_steps=args.vae_steps, vae_lr=args.vae_lr, vae_init=_shown(args.vae_init),
-                    vae_level1_share=args.vae_level1_share)
+            "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0),
+            **recipe}
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
