@@ -282,13 +282,21 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
     # work/init (trained VAE, random experts) carries its VAE's card, so a build reusing it records the recipe
     init = json.loads((tmp_path / "a" / "work" / "init" / "build.json").read_text())
     assert init["vae_steps"] == 3 and init["vae_round_trip"] == card["vae_round_trip"]
-    reused = vae_recipe(argparse.Namespace(vae_from=str(tmp_path / "a" / "work" / "init")))
-    assert reused["vae_from_recipe"] == {k: card[k] for k in ("vae_steps", "vae_lr", "vae_init", "vae_level1_share")}
+    recipe = {k: card[k] for k in ("vae_steps", "vae_lr", "vae_init", "vae_level1_share")}
+    assert vae_recipe(argparse.Namespace(vae_from=str(tmp_path / "a" / "work" / "init")))["vae_from_recipe"] == recipe
+    # a build that reuses it records that recipe on its own card
+    assert build(["--out", str(tmp_path / "c" / "model"), "--work", str(tmp_path / "c" / "work"), "--vae_from",
+                  str(tmp_path / "a" / "work" / "init"), "--stage", "high:1:1e-3:1", "--dataset", "shapes:1",
+                  "--vae_check_videos", "1"]) == 0
+    reused = json.loads((tmp_path / "c" / "model" / "build.json").read_text())
+    assert reused["vae_from_recipe"] == recipe and "vae_steps" not in reused
+    assert reused["vae_round_trip"] == card["vae_round_trip"]  # the same VAE weights
 
 
-def test_the_card_of_a_build_with_vae_from_records_the_reused_vaes_recipe(tmp_path):
-    """--vae_from records the folder and the recipe on the build.json beside that VAE (the shipped base's: its
-    2500 steps), null for a VAE without one; a malformed one is refused before anything is written."""
+def test_the_card_of_a_build_with_vae_from_records_the_reused_vaes_recipe(tmp_path, capsys):
+    """--vae_from records the folder and the recipe on the card of the model folder whose vae/ it is (the
+    shipped base's: its 2500 steps), null for a VAE without one; a card that is not a JSON object is refused
+    before anything is written."""
     import argparse
     import json
     import shutil
@@ -302,14 +310,21 @@ def test_the_card_of_a_build_with_vae_from_records_the_reused_vaes_recipe(tmp_pa
     assert recipe["vae_from"] == "tasks/shapes/base"  # inside the package: no machine's path
     assert recipe["vae_from_recipe"]["vae_steps"] == shipped["vae_steps"] == 2500
     assert recipe["vae_from_recipe"]["vae_init"] == "tasks/shapes/vae_warm_start"
-    bare = tmp_path / "bare"
+    bare = tmp_path / "bare"  # a model folder without a card
     shutil.copytree(BASE_DIR / "vae", bare / "vae")
+    (bare / "model_index.json").write_text((BASE_DIR / "model_index.json").read_text())
     assert vae_recipe(argparse.Namespace(vae_from=str(bare))) == {"vae_from": str(bare), "vae_from_recipe": None}
     assert vae_recipe(argparse.Namespace(vae_from=str(bare / "vae")))["vae_from_recipe"] is None
-    (bare / "build.json").write_text("{not json")
-    with pytest.raises(SystemExit):
-        build(["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--vae_from", str(bare)])
-    assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
+    loose = tmp_path / "loose"  # a VAE folder of its own: the card beside it is another model's, not read
+    shutil.copytree(BASE_DIR / "vae", loose / "myvae")
+    (loose / "build.json").write_text((BASE_DIR / "build.json").read_text())
+    assert vae_recipe(argparse.Namespace(vae_from=str(loose / "myvae")))["vae_from_recipe"] is None
+    for bad in ("{not json", "3", "[1, 2]"):
+        (bare / "build.json").write_text(bad)
+        with pytest.raises(SystemExit):
+            build(["--out", str(tmp_path / "model"), "--work", str(tmp_path / "work"), "--vae_from", str(bare)])
+        assert "its build.json is not a build card" in capsys.readouterr().err
+        assert not (tmp_path / "work").exists() and not (tmp_path / "model").exists()
 
 
 # recorded on the CI machine's CPU (x86-64, torch 2.13.0 CPU wheel); other CPUs may round differently

@@ -38,7 +38,6 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 
 from wan_grpo.errors import UserError
-from wan_grpo.models.files import read_json
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.trainer import run_sft
 from wan_grpo.specs import PRESETS, TASK_KEY, Expert
@@ -293,12 +292,20 @@ VAE_RECIPE_KEYS = ("vae_steps", "vae_lr", "vae_init", "vae_level1_share", "vae_f
 
 def vae_recipe(args: argparse.Namespace) -> dict:
     """How the build's VAE was made, for the card: the flags it trained with, or with --vae_from that folder
-    and the recipe on the build.json beside the VAE reused (null where it has none)."""
+    and the recipe on the build card of the model folder whose vae/ it is (null for a VAE without one)."""
     if not args.vae_from:
         return dict(vae_steps=args.vae_steps, vae_lr=args.vae_lr, vae_init=_shown(args.vae_init),
                     vae_level1_share=args.vae_level1_share)
-    card = vae_folder(args.vae_from).parent / "build.json"
-    source = read_json(card) if card.is_file() else {}
+    vae, source = vae_folder(args.vae_from), {}
+    model = vae.parent if vae.name == "vae" and (vae.parent / "model_index.json").is_file() else None
+    if model is not None and (model / "build.json").is_file():
+        try:
+            source = json.loads((model / "build.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            source = None
+        if not isinstance(source, dict):
+            raise UserError(f"--vae_from {args.vae_from}: its build.json is not a build card (want a JSON object); "
+                            "fix or delete it")
     return {"vae_from": _shown(args.vae_from),
             "vae_from_recipe": {k: source[k] for k in VAE_RECIPE_KEYS if k in source} or None}
 
