@@ -73,8 +73,13 @@ SETTINGS = {
     # both experts: the low-noise one draws edges and colours, where a better-drawing base's errors are
     "nft-k3": replaced(NFT_HIGH_K3, train_experts="both"),
     "nft-k3-lr3e-4": replaced(NFT_HIGH_K3, train_experts="both", learning_rate="3e-4"),
-    # the rate decays to 0 at the run's last rollout: does the level-2 gain then keep its peak?
+    # the rate decays to 0 at the run's last rollout: does the level-2 gain then keep its peak? (A rerun with more
+    # --rollouts resumes it on a longer schedule, so the rate rises again: give it a new --work.)
     "nft-k3-cosine": [*replaced(NFT_HIGH_K3, train_experts="both"), "--lr_schedule", "cosine"],
+    # each rollout's transitions twice (two noise draws), in twice the optimizer steps of nft-k3's size: sampling
+    # is 60% of a rollout's time, so more updates per rollout cost 1.3x
+    "nft-k6-d2": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
+                  "--nft_noise_draws", "2"],
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
     "nft-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="both"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
