@@ -13,6 +13,7 @@ from wan_grpo.models.text import EmbeddingDiskCache, files_identity, module_iden
 from wan_grpo.models.tiny import build_tiny_components
 from wan_grpo.models.vae import decode_latents
 from wan_grpo.runtime import encode_all, load_model, text_encoder_device
+from wan_grpo.sft.config import SFTConfig
 
 PROMPTS = ["A cat walking in snow", "  a   dog, running  ", "一只猫在雪地里行走", "A cat walking in snow"]
 NEG = ""
@@ -229,6 +230,8 @@ def test_vae_tiled_and_sliced_decode_match_plain_decode():
 
 def test_gradient_checkpointing_defaults_on_for_real_checkpoints_only():
     assert use_gradient_checkpointing(TrainConfig(task="tiny")) is False
+    assert use_gradient_checkpointing(TrainConfig(task="shapes")) is False
+    assert use_gradient_checkpointing(SFTConfig(task="shapes")) is False
     assert use_gradient_checkpointing(TrainConfig(task="t2v-A14B")) is True
     assert use_gradient_checkpointing(TrainConfig(task="tiny", gradient_checkpointing=True)) is True
     assert use_gradient_checkpointing(TrainConfig(task="t2v-A14B", gradient_checkpointing=False)) is False
