@@ -315,6 +315,10 @@ def test_the_card_of_a_build_with_vae_from_records_the_reused_vaes_recipe(tmp_pa
     (bare / "model_index.json").write_text((BASE_DIR / "model_index.json").read_text())
     assert vae_recipe(argparse.Namespace(vae_from=str(bare))) == {"vae_from": str(bare), "vae_from_recipe": None}
     assert vae_recipe(argparse.Namespace(vae_from=str(bare / "vae")))["vae_from_recipe"] is None
+    # a card that reused its VAE passes on the recipe that trained it, not a nested one
+    trained = recipe["vae_from_recipe"]
+    (bare / "build.json").write_text(json.dumps({"vae_from": "tasks/shapes/base", "vae_from_recipe": trained}))
+    assert vae_recipe(argparse.Namespace(vae_from=str(bare))) == {"vae_from": str(bare), "vae_from_recipe": trained}
     loose = tmp_path / "loose"  # a VAE folder of its own: the card beside it is another model's, not read
     shutil.copytree(BASE_DIR / "vae", loose / "myvae")
     (loose / "build.json").write_text((BASE_DIR / "build.json").read_text())

@@ -89,7 +89,8 @@ def resolve_config(cfg):
     if cfg.ckpt_dir is None and task == "shapes":  # the Shapes model ships inside the package
 
         if not (BASE_DIR / "model_index.json").is_file():
-            raise UserError(f"the Shapes base model is missing from {BASE_DIR}; build it with 'make shapes-base'")
+            raise UserError(f"the Shapes base model is missing from {BASE_DIR}; restore it (git checkout -- "
+                            "src/wan_grpo/tasks/shapes/base) or build it with 'make shapes-base-full'")
         cfg = dataclasses.replace(cfg, ckpt_dir=str(BASE_DIR))
     if cfg.ckpt_dir is None:
         if task not in (None, "tiny"):
