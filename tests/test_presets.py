@@ -26,3 +26,39 @@ def test_explicit_preset_keeps_the_official_shift_over_the_scheduler_config(tiny
     _, filled, _, _ = load_model(SampleConfig(ckpt_dir=str(ckpt), task="t2v-A14B", sample_shift=7.0),
                                  load_text_encoder=False)
     assert filled.sample_shift == 7.0
+
+
+def test_task_shapes_brings_its_measured_training_setting_below_config_files_and_flags(tmp_path):
+    """train --task shapes defaults to the Shapes setting (nft-k3); a config file or flag still wins, another
+    task (or a task only inferred from --ckpt_dir) keeps the generic defaults, and the demo's config, which
+    sets none of those keys, trains exactly that setting."""
+    import argparse
+    from pathlib import Path
+
+    from wan_grpo.config import add_config_arguments, build_config
+    from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.tasks.shapes import TRAIN_DEFAULTS
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    parser.add_argument("--config")
+
+    def config(*argv, config_file=None):
+        return build_config(TrainConfig, parser.parse_args(list(argv)), config_file=config_file)
+
+    shapes = config("--task", "shapes")
+    assert {k: getattr(shapes, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    assert shapes.algorithm == "nft" and shapes.lora_rank == 0 and shapes.optimizer_steps_per_rollout == 3
+    generic = config()
+    assert generic.algorithm == "grpo" and generic.lora_rank == 32 and generic.batch_size == 1
+    assert config("--task", "tiny").algorithm == "grpo"
+    assert config("--ckpt_dir", "somewhere").algorithm == "grpo"  # inferred tasks bring nothing: explicit only
+    flagged = config("--task", "shapes", "--algorithm", "grpo", "--lora_rank", "8")
+    assert (flagged.algorithm, flagged.lora_rank, flagged.learning_rate) == ("grpo", 8, 1e-4)
+    (tmp_path / "c.yaml").write_text("task: shapes\nlearning_rate: 3.0e-4\n")
+    from_file = config(config_file=str(tmp_path / "c.yaml"))
+    assert from_file.learning_rate == 3e-4 and from_file.algorithm == "nft"
+    assert config("--learning_rate", "5e-4", config_file=str(tmp_path / "c.yaml")).learning_rate == 5e-4
+    demo = Path(__file__).resolve().parents[1] / "configs" / "shapes-demo.yaml"
+    demo_cfg = config(config_file=str(demo))
+    assert {k: getattr(demo_cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS and demo_cfg.max_steps == 48

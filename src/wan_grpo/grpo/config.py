@@ -5,10 +5,12 @@ policy, optimizer and checkpoint fields are shared with ``wan-grpo sft``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from wan_grpo.config import ModelConfig, check_ranges, opt
 from wan_grpo.errors import UserError
 from wan_grpo.rewards.config import RewardConfig
+from wan_grpo.tasks.shapes import TRAIN_DEFAULTS as SHAPES_TRAIN_DEFAULTS
 
 
 @dataclass
@@ -38,7 +40,7 @@ class PolicyConfig(ModelConfig):
     offload_model: bool = opt(False, "Keep only the active expert (and its optimizer state) on the accelerator; "
                                      "the other waits on CPU.")
     gradient_checkpointing: bool | None = opt(None, "Recompute activations in backward to save memory. Default: on for "
-                                                    "real checkpoints, off for --task tiny.")
+                                                    "real checkpoints, off for the small tiny and shapes models.")
     dit_fsdp: bool = opt(False, "Shard every expert with FSDP2 per transformer block; required with more than one "
                                 "process.")
     save_dir: str = opt("./grpo_checkpoints", "Run directory: metrics, samples, checkpoints, config.yaml.")
@@ -59,6 +61,8 @@ class PolicyConfig(ModelConfig):
 
 @dataclass
 class TrainConfig(RewardConfig, PolicyConfig):
+    # defaults an explicit --task brings, below a config file and flags: the setting measured best on that task
+    TASK_DEFAULTS: ClassVar[dict] = {"shapes": SHAPES_TRAIN_DEFAULTS}
     algorithm: str = opt("grpo", "grpo (Flow-GRPO: SDE rollouts with log-probs, PPO-clip) or nft (DiffusionNFT: "
                                  "any solver, trains on the forward process of the clean samples; docs/math.md).",
                          choices=("grpo", "nft"))

@@ -6,3 +6,9 @@ from pathlib import Path
 BASE_DIR = Path(__file__).resolve().parent / "base"  # the shipped diffusers-format model
 # the previous base's VAE (no time compression, narrower): where make shapes-base warm-starts its own
 VAE_WARM_START = Path(__file__).resolve().parent / "vae_warm_start"
+
+# What `wan-grpo train --task shapes` trains with unless a config file or flag says otherwise: DiffusionNFT on
+# both experts, full fine-tuning, three optimizer steps per rollout of 8 prompts x 8 videos (`nft-k3` of
+# benchmarks/shapes_learning.py, chosen on the validation prompts; docs/benchmarks.md).
+TRAIN_DEFAULTS = dict(algorithm="nft", train_experts="both", lora_rank=0, learning_rate=1e-4, timestep_fraction=1.0,
+                      train_batch_size=32, optimizer_steps_per_rollout=3, batch_size=8, num_generations=8)
