@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 # Rebuild the shipped Shapes base model (src/wan_grpo/tasks/shapes/base/) on its own VAE: the text encoder and
-# both experts, deterministic, ~55 min on 2 cores. shapes-base-full also retrains that VAE first (~30 min more).
+# both experts, deterministic, ~40 min on 2 cores. shapes-base-full also retrains that VAE first (~30 min more).
 SHAPES_BASE := src/wan_grpo/tasks/shapes/base
 shapes-base: $(STAMP)
 	$(PY) -m wan_grpo.tasks.shapes.build --vae_from $(SHAPES_BASE)

@@ -80,9 +80,6 @@ SETTINGS = {
     # is 60% of a rollout's time, so more updates per rollout cost 1.3x
     "nft-k6-d2": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
                   "--nft_noise_draws", "2"],
-    # the same line twice as far: four noise draws, 12 optimizer steps per rollout
-    "nft-k12-d4": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="12"),
-                   "--nft_noise_draws", "4"],
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
     "nft-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="both"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",

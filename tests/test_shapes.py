@@ -244,7 +244,7 @@ def test_build_refuses_no_vae_check_videos_before_writing_anything(tmp_path, cap
 
 @pytest.mark.slow
 def test_a_short_build_is_deterministic_and_loads(tmp_path):
-    """``make shapes-base`` in miniature (its VAE defaults but 3 steps, 4 SFT steps of both experts, 2 of the
+    """``make shapes-base-full`` in miniature (its VAE defaults but 3 steps, 4 SFT steps of both experts, 2 of the
     high-noise expert, level-1 data): two builds write the same weights, the first losses are the recorded
     ones, the card records the VAE's recipe, and the result loads as a --task shapes model."""
     import argparse
@@ -291,6 +291,16 @@ def test_a_short_build_is_deterministic_and_loads(tmp_path):
     reused = json.loads((tmp_path / "c" / "model" / "build.json").read_text())
     assert reused["vae_from_recipe"] == recipe and "vae_steps" not in reused
     assert reused["vae_round_trip"] == card["vae_round_trip"]  # the same VAE weights
+    # make shapes-base: the VAE comes from the very folder the build replaces, which stays whole
+    vae_before = load_file(tmp_path / "c" / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert build(["--out", str(tmp_path / "c" / "model"), "--work", str(tmp_path / "d"), "--vae_from",
+                  str(tmp_path / "c" / "model"), "--stage", "low:1:1e-3:1", "--dataset", "shapes:1",
+                  "--vae_check_videos", "1"]) == 0
+    vae_after = load_file(tmp_path / "c" / "model" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(vae_before[k], vae_after[k]) for k in vae_before)
+    rebuilt = json.loads((tmp_path / "c" / "model" / "build.json").read_text())
+    assert rebuilt["stages"] == ["low:1:0.001:1"] and rebuilt["vae_from_recipe"] == recipe  # not nested
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["model", "work"]  # no .tmp or .old left
 
 
 def test_the_card_of_a_build_with_vae_from_records_the_reused_vaes_recipe(tmp_path, capsys):

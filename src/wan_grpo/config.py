@@ -79,9 +79,10 @@ PRECISION_HELP = ("bf16: frozen weights bf16 (diffusers' _keep_in_fp32_modules s
 @dataclass
 class ModelConfig:
     task: str | None = opt(None, "Model preset: tiny (random weights, for tests), shapes (the small pretrained "
-                                 "Shapes model, shipped; make shapes-base rebuilds it; train then defaults to its "
-                                 "measured setting: nft on both experts, full fine-tuning, lr 1e-4, 3 optimizer "
-                                 "steps per rollout of 8 prompts x 8 videos), t2v-A14B, i2v-A14B or ti2v-5B. "
+                                 "Shapes model, shipped; make shapes-base rebuilds it; given explicitly, train then "
+                                 "defaults to its measured setting: nft on both experts, full fine-tuning, lr 1e-4, "
+                                 "3 optimizer steps per rollout of 8 prompts x 8 videos), t2v-A14B, i2v-A14B or "
+                                 "ti2v-5B. "
                                  "Default: tiny "
                                  "without --ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
     ckpt_dir: str | None = opt(None, "Wan2.2 checkpoint folder: diffusers layout (model_index.json) or the "
@@ -210,7 +211,8 @@ def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None 
     flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}
     _check_keys(cls, flags, "the command line")
     values.update(flags)
-    for key, value in getattr(cls, "TASK_DEFAULTS", {}).get(values.get("task"), {}).items():
+    task = values.get("task")
+    for key, value in getattr(cls, "TASK_DEFAULTS", {}).get(task if isinstance(task, str) else None, {}).items():
         values.setdefault(key, value)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

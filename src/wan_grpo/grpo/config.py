@@ -61,7 +61,7 @@ class PolicyConfig(ModelConfig):
 
 @dataclass
 class TrainConfig(RewardConfig, PolicyConfig):
-    # defaults an explicit --task brings, below a config file and flags: the setting measured best on that task
+    # defaults an explicit --task brings, below a config file and flags: a setting measured on that task
     TASK_DEFAULTS: ClassVar[dict] = {"shapes": SHAPES_TRAIN_DEFAULTS}
     algorithm: str = opt("grpo", "grpo (Flow-GRPO: SDE rollouts with log-probs, PPO-clip) or nft (DiffusionNFT: "
                                  "any solver, trains on the forward process of the clean samples; docs/math.md).",
