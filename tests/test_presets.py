@@ -67,3 +67,23 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
     demo = Path(__file__).resolve().parents[1] / "configs" / "shapes-demo.yaml"
     demo_cfg = config(config_file=str(demo))
     assert {k: getattr(demo_cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS and demo_cfg.max_steps == 48
+
+
+def test_the_shapes_default_is_the_setting_the_learning_benchmark_measured(monkeypatch):
+    """benchmarks/shapes_learning.py's nft-k3 (its flags on a generic config) is TRAIN_DEFAULTS, so the
+    numbers in docs/benchmarks.md are those of what --task shapes trains."""
+    import argparse
+    from pathlib import Path
+
+    from wan_grpo.config import add_config_arguments, build_config
+    from wan_grpo.grpo.config import TrainConfig
+    from wan_grpo.tasks.shapes import TRAIN_DEFAULTS
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import shapes_learning
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    flags = [*shapes_learning.COMMON, *shapes_learning.SETTINGS["nft-k3"]]
+    measured = build_config(TrainConfig, parser.parse_args(flags))  # no --task: the generic defaults below
+    assert {k: getattr(measured, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS

@@ -309,10 +309,8 @@ def vae_recipe(args: argparse.Namespace) -> dict:
         if not isinstance(source, dict):
             raise UserError(f"--vae_from {args.vae_from}: its build.json is not a build card (want a JSON object); "
                             "fix or delete it")
-    if "vae_from_recipe" in source:
-        return {"vae_from": _shown(args.vae_from), "vae_from_recipe": source["vae_from_recipe"]}
-    return {"vae_from": _shown(args.vae_from),
-            "vae_from_recipe": {k: source[k] for k in VAE_RECIPE_KEYS if k in source} or None}
+    recipe = source.get("vae_from_recipe", {k: source[k] for k in VAE_RECIPE_KEYS if k in source} or None)
+    return {"vae_from": _shown(args.vae_from), "vae_from_recipe": recipe}
 
 
 def _dim_mult(text: str) -> tuple[int, ...]:
@@ -432,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0),
             **recipe}
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
-    old = out.with_name(f".{out.name}.old")  # swap, then delete: a stop at any point leaves a whole model
+    # swap, then delete: a stop at any point leaves a whole model at `out` or, between the renames, at `old`
+    old = out.with_name(f".{out.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)
