@@ -83,9 +83,6 @@ SETTINGS = {
     # the same transitions and draws as nft-k6-d2 (so the same cost) in 10 optimizer steps: one noise level each
     "nft-k10-d2": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="10"),
                    "--nft_noise_draws", "2"],
-    # nft-k6-d2's steps, each averaged over four noise draws instead of two (2x its training time)
-    "nft-k6-d4": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
-                  "--nft_noise_draws", "4"],
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
     "nft-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="both"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
