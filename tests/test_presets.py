@@ -87,3 +87,5 @@ def test_the_shapes_default_is_the_setting_the_learning_benchmark_measured(monke
     flags = [*shapes_learning.COMMON, *shapes_learning.SETTINGS["nft-k3"]]
     measured = build_config(TrainConfig, parser.parse_args(flags))  # no --task: the generic defaults below
     assert {k: getattr(measured, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
+    training = {f[2:] for f in flags if f.startswith("--")} - {"tensorboard", "log_interval"}  # logging only
+    assert training == set(TRAIN_DEFAULTS)  # and nothing the benchmark sets is missing from the defaults
