@@ -172,3 +172,45 @@ def test_64_concurrent_clients_get_no_transport_errors():
     finally:
         server.shutdown()
     assert statuses == [200] * 256  # 18 of 256 were reset with socketserver's default backlog
+
+
+def test_requests_parse_npy_headers_one_at_a_time(monkeypatch):
+    """CPython 3.11's ast.literal_eval (numpy's .npy header parser) is not thread-safe (cpython#106905)."""
+    import ast
+
+    real, inside, most = ast.literal_eval, [0], [0]
+
+    def watched(text):
+        inside[0] += 1
+        most[0] = max(most[0], inside[0])
+        time.sleep(0.002)  # gives another request's thread the chance to enter
+        try:
+            return real(text)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(ast, "literal_eval", watched)
+    server = make_server(brightness_set(), "127.0.0.1", 0)
+    url = serve(server)
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            statuses = list(pool.map(lambda _: post(url, small_batch(), timeout=60)[0], range(48)))
+    finally:
+        server.shutdown()
+    assert statuses == [200] * 48 and most[0] == 1
+
+
+def test_an_unexpected_decoding_error_is_answered_with_500(monkeypatch):
+    import wan_grpo.rewards.remote as remote
+
+    def broken(body, limits):
+        raise SystemError("AST constructor recursion depth mismatch (before=51, after=50)")
+
+    monkeypatch.setattr(remote, "_decode", broken)
+    server = make_server(brightness_set(), "127.0.0.1", 0)
+    url = serve(server)
+    try:
+        status, answer = post(url, small_batch())
+    finally:
+        server.shutdown()
+    assert status == 500 and "SystemError" in answer["error"]

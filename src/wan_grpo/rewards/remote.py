@@ -41,6 +41,9 @@ log = logging.getLogger("wan_grpo")
 
 TOKEN_ENV = "WAN_GRPO_REWARD_TOKEN"
 BACKLOG = 256  # queued connections (socketserver's default of 5 reset clients under load)
+# .npy headers are parsed with ast.literal_eval, which CPython 3.11 cannot run in two threads at once
+# (SystemError "AST constructor recursion depth mismatch", python/cpython#106905), so requests decode in turn.
+_DECODE_LOCK = threading.Lock()
 
 
 class RewardServerError(RuntimeError):
@@ -108,7 +111,12 @@ def _check_archive(body: bytes, limits: RequestLimits) -> None:
 
 def decode_batch(body: bytes, limits: RequestLimits | None = None) -> tuple[list[torch.Tensor], list[str], float]:
     """The videos, prompts and fps of a request; BadRequest (400/413) for anything malformed or too big."""
-    _check_archive(body, limits or RequestLimits())
+    with _DECODE_LOCK:
+        return _decode(body, limits or RequestLimits())
+
+
+def _decode(body: bytes, limits: RequestLimits) -> tuple[list[torch.Tensor], list[str], float]:
+    _check_archive(body, limits)
     try:
         with np.load(io.BytesIO(body), allow_pickle=False) as data:
             header = json.loads(data["header"].tobytes())
@@ -231,6 +239,9 @@ def make_server(rewards, host: str, port: int, *, token: str | None = None,
                 videos, prompts, fps = decode_batch(self.rfile.read(length), limits)
             except BadRequest as exc:
                 return self._reply(exc.status, {"error": str(exc)})
+            except Exception as exc:  # answered, so the client retries instead of meeting a closed socket
+                log.exception("decoding a request failed")
+                return self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
             try:
                 with lock:
                     scores = rewards(videos, prompts, fps=fps)
