@@ -1,13 +1,24 @@
 """Which flow shift a run uses: an explicit preset's official value, else the checkpoint's."""
 
+import argparse
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 
-from wan_grpo.config import SampleConfig
+from wan_grpo.config import SampleConfig, add_config_arguments, build_config
+from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.runtime import load_model
+from wan_grpo.tasks.shapes import TRAIN_DEFAULTS
+
+
+def _train_config(*argv, config_file=None) -> TrainConfig:
+    """The TrainConfig that `wan-grpo train` builds from these flags (and config file)."""
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    return build_config(TrainConfig, parser.parse_args(list(argv)), config_file=config_file)
 
 
 def test_explicit_preset_keeps_the_official_shift_over_the_scheduler_config(tiny_ckpt, tmp_path, caplog):
@@ -34,21 +45,9 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
     """train --task shapes defaults to the Shapes setting (nft-k3); a config file or flag still wins, another
     task (or a task only inferred from --ckpt_dir) keeps the generic defaults, and the demo's config, which
     sets none of those keys, trains exactly that setting."""
-    import argparse
-    from pathlib import Path
-
-    from wan_grpo.config import add_config_arguments, build_config
     from wan_grpo.errors import UserError
-    from wan_grpo.grpo.config import TrainConfig
-    from wan_grpo.tasks.shapes import TRAIN_DEFAULTS
 
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser, TrainConfig)
-    parser.add_argument("--config")
-
-    def config(*argv, config_file=None):
-        return build_config(TrainConfig, parser.parse_args(list(argv)), config_file=config_file)
-
+    config = _train_config
     shapes = config("--task", "shapes")
     assert {k: getattr(shapes, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
     generic = config()
@@ -72,20 +71,11 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
 def test_the_shapes_default_is_the_setting_the_learning_benchmark_measured(monkeypatch):
     """benchmarks/shapes_learning.py's nft-k3 (its flags on a generic config) is TRAIN_DEFAULTS, so the
     numbers in docs/benchmarks.md are those of what --task shapes trains."""
-    import argparse
-    from pathlib import Path
-
-    from wan_grpo.config import add_config_arguments, build_config
-    from wan_grpo.grpo.config import TrainConfig
-    from wan_grpo.tasks.shapes import TRAIN_DEFAULTS
-
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import shapes_learning
 
-    parser = argparse.ArgumentParser()
-    add_config_arguments(parser, TrainConfig)
     flags = [*shapes_learning.COMMON, *shapes_learning.SETTINGS["nft-k3"]]
-    measured = build_config(TrainConfig, parser.parse_args(flags))  # no --task: the generic defaults below
+    measured = _train_config(*flags)  # no --task: the generic defaults below
     assert {k: getattr(measured, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
     training = {f[2:] for f in flags if f.startswith("--")} - {"tensorboard", "log_interval"}  # logging only
     assert training == set(TRAIN_DEFAULTS)  # and nothing the benchmark sets is missing from the defaults
