@@ -2,8 +2,8 @@
 
 So the reward model can live on other GPUs or another machine. One request carries a batch:
 the frames as uint8 arrays in a compressed .npz plus a JSON header (prompts, fps); the answer is
-JSON with every component's scores and coefficients. The server scores one request at a time and
-queues up to ``BACKLOG`` connections, so many trainer ranks can share it.
+JSON with every component's scores and coefficients. The server decodes and scores one request at a
+time and queues up to ``BACKLOG`` connections, so many trainer ranks can share it.
 
 Guards on the server: a Bearer token when one is set (401 without it), a bound on the body (413
 before it is read), on the frames once decompressed (413, read from the archive's headers before
@@ -192,7 +192,7 @@ class RemoteReward:
 
 def make_server(rewards, host: str, port: int, *, token: str | None = None,
                 limits: RequestLimits | None = None) -> ThreadingHTTPServer:
-    """An HTTP server scoring with ``rewards`` (a RewardSet); requests are scored one at a time."""
+    """An HTTP server scoring with ``rewards`` (a RewardSet); requests are decoded and scored one at a time."""
     lock = threading.Lock()
     limits = limits or RequestLimits()
 
