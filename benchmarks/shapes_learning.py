@@ -83,6 +83,13 @@ SETTINGS = {
     # the same transitions and draws as nft-k6-d2 (so the same cost) in 10 optimizer steps: one noise level each
     "nft-k10-d2": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="10"),
                    "--nft_noise_draws", "2"],
+    # nft-k6-d2 held near the base: a KL to it, sized to match the policy gradient once the velocities differ
+    # by about 0.05 rms (does it keep level 1's red circles, which nft-k6-d2 makes ragged?)
+    "nft-k6-d2-kl10": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
+                       "--nft_noise_draws", "2", "--kl_coef", "10"],
+    # nft-k6-d2 with four noise draws per transition: a lower-variance gradient for 2x nft-k6-d2's train time
+    "nft-k6-d4": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
+                  "--nft_noise_draws", "4"],
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
     "nft-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="both"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
