@@ -43,6 +43,7 @@ def replaced(flags: list[str], **values: str) -> list[str]:
 # the base lists the other settings vary (a flag given twice would be ambiguous in the record)
 NFT_HIGH_K3 = ["--algorithm", "nft", "--lora_rank", "0", "--train_experts", "high", "--learning_rate", "1e-4",
                "--timestep_fraction", "1.0", "--train_batch_size", "32", "--optimizer_steps_per_rollout", "3"]
+NFT_K6_D2 = [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"), "--nft_noise_draws", "2"]
 GRPO = ["--algorithm", "grpo", "--lora_rank", "0", "--learning_rate", "1e-4"]
 GRPO_WINDOW = [*GRPO, "--sde_window", "0:3"]
 GUARD = ["--ratio_norm", "true", "--reweight_steps", "true", "--clip_range", "2e-6"]
@@ -78,18 +79,14 @@ SETTINGS = {
     "nft-k3-cosine": [*replaced(NFT_HIGH_K3, train_experts="both"), "--lr_schedule", "cosine"],
     # each rollout's transitions twice (two noise draws), in twice the optimizer steps of nft-k3's size: sampling
     # is 60% of a rollout's time, so more updates per rollout cost 1.3x
-    "nft-k6-d2": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
-                  "--nft_noise_draws", "2"],
+    "nft-k6-d2": NFT_K6_D2,
     # the same transitions and draws as nft-k6-d2 (so the same cost) in 10 optimizer steps: one noise level each
-    "nft-k10-d2": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="10"),
-                   "--nft_noise_draws", "2"],
+    "nft-k10-d2": replaced(NFT_K6_D2, optimizer_steps_per_rollout="10"),
     # nft-k6-d2 held near the base: a KL to it, sized to match the policy gradient once the velocities differ
     # by about 0.05 rms (does it keep level 1's red circles, which nft-k6-d2 makes ragged?)
-    "nft-k6-d2-kl10": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
-                       "--nft_noise_draws", "2", "--kl_coef", "10"],
+    "nft-k6-d2-kl10": [*NFT_K6_D2, "--kl_coef", "10"],
     # nft-k6-d2 with four noise draws per transition: a lower-variance gradient for 2x nft-k6-d2's train time
-    "nft-k6-d4": [*replaced(NFT_HIGH_K3, train_experts="both", optimizer_steps_per_rollout="6"),
-                  "--nft_noise_draws", "4"],
+    "nft-k6-d4": replaced(NFT_K6_D2, nft_noise_draws="4"),
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
     "nft-k3-fill": [*replaced(NFT_HIGH_K3, train_experts="both"), "--shapes_coefs", "accuracy=1,fill=1"],
     "nft-lora": ["--algorithm", "nft", "--lora_rank", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from wan_grpo.config import SampleConfig, add_config_arguments, build_config
+from wan_grpo.errors import UserError
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.runtime import load_model
 from wan_grpo.tasks.shapes import TRAIN_DEFAULTS
@@ -45,8 +46,6 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
     """train --task shapes defaults to the Shapes setting (nft-k3); a config file or flag still wins, another
     task (or a task only inferred from --ckpt_dir) keeps the generic defaults, and the demo's config, which
     sets none of those keys, trains exactly that setting."""
-    from wan_grpo.errors import UserError
-
     config = _train_config
     shapes = config("--task", "shapes")
     assert {k: getattr(shapes, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS

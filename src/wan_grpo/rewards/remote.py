@@ -7,7 +7,8 @@ time and queues up to ``BACKLOG`` connections, so many trainer ranks can share i
 
 Guards on the server: a Bearer token when one is set (401 without it), a bound on the body (413
 before it is read), on the frames once decompressed (413, read from the archive's headers before
-any array), and on frames per request; a malformed body gets 400, a reward that raises 500.
+any array), and on frames per request; a malformed body gets 400, a reward that raises 500, and so
+does an unexpected error in decoding (an answer, so the client retries rather than meeting a closed socket).
 
 Failures on the client: each request gets ``--reward_timeout`` seconds and ``--reward_retries``
 attempts with backoff; an answer that is not JSON or has the wrong number of scores counts as a
@@ -41,8 +42,9 @@ log = logging.getLogger("wan_grpo")
 
 TOKEN_ENV = "WAN_GRPO_REWARD_TOKEN"
 BACKLOG = 256  # queued connections (socketserver's default of 5 reset clients under load)
-# .npy headers are parsed with ast.literal_eval, which CPython 3.11 cannot run in two threads at once
-# (SystemError "AST constructor recursion depth mismatch", python/cpython#106905), so requests decode in turn.
+# .npy headers are parsed with ast.literal_eval, which CPython 3.11 (and some 3.12 releases) cannot run in two
+# threads at once (SystemError "AST constructor recursion depth mismatch", python/cpython#106905), so requests
+# decode in turn.
 _DECODE_LOCK = threading.Lock()
 
 
@@ -235,8 +237,9 @@ def make_server(rewards, host: str, port: int, *, token: str | None = None,
                 self.close_connection = True  # the body is never read
                 return self._reply(413, {"error": f"{length} bytes is over this server's --max_request_mb "
                                                   f"{limits.body_bytes / 2**20:.0f}"})
+            body = self.rfile.read(length)  # a client stalling here meets the handler's timeout, as before
             try:
-                videos, prompts, fps = decode_batch(self.rfile.read(length), limits)
+                videos, prompts, fps = decode_batch(body, limits)
             except BadRequest as exc:
                 return self._reply(exc.status, {"error": str(exc)})
             except Exception as exc:  # answered, so the client retries instead of meeting a closed socket
