@@ -146,6 +146,13 @@ def test_size_bounds_and_malformed_bodies_get_clear_statuses():
         response = conn.getresponse()
         assert response.status == 413 and b"max_request_mb" in response.read()
         conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.putrequest("POST", "/score")
+        conn.putheader("Content-Length", "-1")  # answered at once, not read until the client closes
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 400 and b"negative" in response.read()
+        conn.close()
         status, answer = post(url, b"not an archive")
         assert status == 400 and "not an .npz" in answer["error"]
         missing_header = io.BytesIO()

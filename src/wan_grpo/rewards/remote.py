@@ -233,6 +233,9 @@ def make_server(rewards, host: str, port: int, *, token: str | None = None,
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 return self._reply(411, {"error": "a request needs a Content-Length"})
+            if length < 0:  # read(-1) would wait for the client to close
+                self.close_connection = True
+                return self._reply(400, {"error": f"Content-Length {length} is negative"})
             if length > limits.body_bytes:
                 self.close_connection = True  # the body is never read
                 return self._reply(413, {"error": f"{length} bytes is over this server's --max_request_mb "
@@ -240,16 +243,12 @@ def make_server(rewards, host: str, port: int, *, token: str | None = None,
             body = self.rfile.read(length)  # a client stalling here meets the handler's timeout, as before
             try:
                 videos, prompts, fps = decode_batch(body, limits)
-            except BadRequest as exc:
-                return self._reply(exc.status, {"error": str(exc)})
-            except Exception as exc:  # answered, so the client retries instead of meeting a closed socket
-                log.exception("decoding a request failed")
-                return self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
-            try:
                 with lock:
                     scores = rewards(videos, prompts, fps=fps)
-            except Exception as exc:  # reported to the client, which retries or stops; never a score
-                log.exception("scoring failed")
+            except BadRequest as exc:
+                return self._reply(exc.status, {"error": str(exc)})
+            except Exception as exc:  # answered (never a score, never a closed socket): the client retries or stops
+                log.exception("decoding or scoring a request failed")
                 return self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
             self._reply(200, {"components": {k: v.tolist() for k, v in scores.items()},
                               "coefs": {k: rewards.coefs[k] for k in scores}})
