@@ -85,7 +85,8 @@ SETTINGS = {
     # nft-k6-d2 held near the base: a KL to it, sized to match the policy gradient once the velocities differ
     # by about 0.05 rms (does it keep level 1's red circles, which nft-k6-d2 makes ragged?)
     "nft-k6-d2-kl10": [*NFT_K6_D2, "--kl_coef", "10"],
-    "nft-k6-d2-kl1": [*NFT_K6_D2, "--kl_coef", "1"],  # kl10 held everything at the base
+    # kl10 held everything at the base; kl1 is --task shapes's default (TRAIN_DEFAULTS; tests/test_presets.py)
+    "nft-k6-d2-kl1": [*NFT_K6_D2, "--kl_coef", "1"],
     # nft-k6-d2 with four noise draws per transition: a lower-variance gradient for 2x nft-k6-d2's train time
     "nft-k6-d4": replaced(NFT_K6_D2, nft_noise_draws="4"),
     # graded shape beside accuracy: a square no sample passes still has a fill to climb

@@ -43,7 +43,7 @@ def test_explicit_preset_keeps_the_official_shift_over_the_scheduler_config(tiny
 
 
 def test_task_shapes_brings_its_measured_training_setting_below_config_files_and_flags(tmp_path):
-    """train --task shapes defaults to the Shapes setting (nft-k3); a config file or flag still wins, another
+    """train --task shapes defaults to the Shapes setting (nft-k6-d2-kl1); a config file or flag still wins, another
     task (or a task only inferred from --ckpt_dir) keeps the generic defaults, and the demo's config, which
     sets none of those keys, trains exactly that setting."""
     config = _train_config
@@ -55,6 +55,14 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
     assert config("--ckpt_dir", "somewhere").algorithm == "grpo"  # inferred tasks bring nothing: explicit only
     flagged = config("--task", "shapes", "--algorithm", "grpo", "--lora_rank", "8")
     assert (flagged.algorithm, flagged.lora_rank, flagged.learning_rate) == ("grpo", 8, 1e-4)
+    assert (flagged.nft_noise_draws, flagged.kl_coef) == (1, 1.0)  # NFT's noise draws are left out, not refused
+    (tmp_path / "g.yaml").write_text("task: shapes\nalgorithm: grpo\n")
+    assert config(config_file=str(tmp_path / "g.yaml")).nft_noise_draws == 1
+    with pytest.raises(UserError, match="--nft_noise_draws is for --algorithm nft"):  # asked for: still refused
+        config("--task", "shapes", "--algorithm", "grpo", "--nft_noise_draws", "2")
+    with pytest.raises(UserError, match="or --kl_coef 0"):  # the KL's full reference copy is not sharded
+        config("--task", "shapes", "--dit_fsdp", "true")
+    assert config("--task", "shapes", "--dit_fsdp", "true", "--kl_coef", "0").kl_coef == 0
     (tmp_path / "c.yaml").write_text("task: shapes\nlearning_rate: 3.0e-4\n")
     from_file = config(config_file=str(tmp_path / "c.yaml"))
     assert from_file.learning_rate == 3e-4 and from_file.algorithm == "nft"
@@ -64,16 +72,16 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
         config(config_file=str(tmp_path / "bad.yaml"))
     demo = Path(__file__).resolve().parents[1] / "configs" / "shapes-demo.yaml"
     demo_cfg = config(config_file=str(demo))
-    assert {k: getattr(demo_cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS and demo_cfg.max_steps == 48
+    assert {k: getattr(demo_cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS and demo_cfg.max_steps == 72
 
 
 def test_the_shapes_default_is_the_setting_the_learning_benchmark_measured(monkeypatch):
-    """benchmarks/shapes_learning.py's nft-k3 (its flags on a generic config) is TRAIN_DEFAULTS, so the
+    """benchmarks/shapes_learning.py's nft-k6-d2-kl1 (its flags on a generic config) is TRAIN_DEFAULTS, so the
     numbers in docs/benchmarks.md are those of what --task shapes trains."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import shapes_learning
 
-    flags = [*shapes_learning.COMMON, *shapes_learning.SETTINGS["nft-k3"]]
+    flags = [*shapes_learning.COMMON, *shapes_learning.SETTINGS["nft-k6-d2-kl1"]]
     measured = _train_config(*flags)  # no --task: the generic defaults below
     assert {k: getattr(measured, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
     training = {f[2:] for f in flags if f.startswith("--")} - {"tensorboard", "log_interval"}  # logging only

@@ -502,7 +502,7 @@ def test_demo_trains_then_compares_base_and_trained_on_heldout_prompts(tmp_path,
     from wan_grpo.tasks.shapes.demo import main as demo
 
     save = tmp_path / "demo"
-    assert demo(["--save_dir", str(save), "--max_steps", "3", "--save_interval", "3", "--batch_size", "2",
+    assert demo(["--save_dir", str(save), "--max_steps", "6", "--save_interval", "6", "--batch_size", "2",
                  "--tensorboard", "false"]) == 0
     out = capsys.readouterr().out
     for level, videos in ((1, 120), (2, 216)):

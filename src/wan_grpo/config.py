@@ -81,7 +81,8 @@ class ModelConfig:
     task: str | None = opt(None, "Model preset: tiny (random weights, for tests), shapes (the small pretrained "
                                  "Shapes model, shipped; make shapes-base rebuilds it; given explicitly, train then "
                                  "defaults to its measured setting: nft on both experts, full fine-tuning, lr 1e-4, "
-                                 "3 optimizer steps per rollout of 8 prompts x 8 videos), t2v-A14B, i2v-A14B or "
+                                 "6 optimizer steps per rollout of 8 prompts x 8 videos with 2 noise draws each, "
+                                 "a KL to the base at weight 1), t2v-A14B, i2v-A14B or "
                                  "ti2v-5B. "
                                  "Default: tiny "
                                  "without --ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
@@ -202,7 +203,9 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None = None):
-    """Dataclass from defaults < the given --task's defaults (``cls.TASK_DEFAULTS``) < YAML file < flags."""
+    """Dataclass from defaults < the given --task's defaults (``cls.TASK_DEFAULTS``) < YAML file < flags.
+
+    A task's defaults are a dict, or a function of the values given (file and flags, read) that returns one."""
     values: dict = {}
     if config_file:
         data = load_yaml(config_file)
@@ -211,16 +214,20 @@ def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None 
     flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}
     _check_keys(cls, flags, "the command line")
     values.update(flags)
+    values = _coerced(cls, values)
     task = values.get("task")
-    for key, value in getattr(cls, "TASK_DEFAULTS", {}).get(task if isinstance(task, str) else None, {}).items():
+    defaults = getattr(cls, "TASK_DEFAULTS", {}).get(task if isinstance(task, str) else None, {})
+    for key, value in _coerced(cls, defaults(values) if callable(defaults) else defaults).items():
         values.setdefault(key, value)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in values and values[f.name] is not None:
-            values[f.name] = _coerce(f, hints, values[f.name])
     config = cls(**values)
     check_ranges(config)
     return config
+
+
+def _coerced(cls, values: dict) -> dict:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    return {k: _coerce(fields[k], hints, v) if k in fields and v is not None else v for k, v in values.items()}
 
 
 def _coerce(f, hints, value):

@@ -10,7 +10,7 @@ from typing import ClassVar
 from wan_grpo.config import ModelConfig, check_ranges, opt
 from wan_grpo.errors import UserError
 from wan_grpo.rewards.config import RewardConfig
-from wan_grpo.tasks.shapes import TRAIN_DEFAULTS as SHAPES_TRAIN_DEFAULTS
+from wan_grpo.tasks.shapes import train_defaults as shapes_train_defaults
 
 
 @dataclass
@@ -62,7 +62,7 @@ class PolicyConfig(ModelConfig):
 @dataclass
 class TrainConfig(RewardConfig, PolicyConfig):
     # defaults an explicit --task brings, below a config file and flags: a setting measured on that task
-    TASK_DEFAULTS: ClassVar[dict] = {"shapes": SHAPES_TRAIN_DEFAULTS}
+    TASK_DEFAULTS: ClassVar[dict] = {"shapes": shapes_train_defaults}
     algorithm: str = opt("grpo", "grpo (Flow-GRPO: SDE rollouts with log-probs, PPO-clip) or nft (DiffusionNFT: "
                                  "any solver, trains on the forward process of the clean samples; docs/math.md).",
                          choices=("grpo", "nft"))
@@ -162,7 +162,7 @@ class TrainConfig(RewardConfig, PolicyConfig):
             raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
         if self.dit_fsdp and self.kl_coef > 0 and self.lora_rank == 0:
             raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA "
-                            "(--lora_rank)")
+                            "(--lora_rank) or --kl_coef 0")
         if self.eval_interval and not self.eval_prompts:
             raise UserError("--eval_interval needs --eval_prompts (a held-out prompt file)")
 
