@@ -55,7 +55,7 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
     assert config("--ckpt_dir", "somewhere").algorithm == "grpo"  # inferred tasks bring nothing: explicit only
     flagged = config("--task", "shapes", "--algorithm", "grpo", "--lora_rank", "8")
     assert (flagged.algorithm, flagged.lora_rank, flagged.learning_rate) == ("grpo", 8, 1e-4)
-    assert (flagged.nft_noise_draws, flagged.kl_coef) == (1, 1.0)  # NFT's noise draws are left out, not refused
+    assert (flagged.nft_noise_draws, flagged.kl_coef) == (1, 0.0)  # NFT's draws and KL weight: left out, not refused
     (tmp_path / "g.yaml").write_text("task: shapes\nalgorithm: grpo\n")
     assert config(config_file=str(tmp_path / "g.yaml")).nft_noise_draws == 1
     with pytest.raises(UserError, match="--nft_noise_draws is for --algorithm nft"):  # asked for: still refused
@@ -63,6 +63,9 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
     with pytest.raises(UserError, match="or --kl_coef 0"):  # the KL's full reference copy is not sharded
         config("--task", "shapes", "--dit_fsdp", "true")
     assert config("--task", "shapes", "--dit_fsdp", "true", "--kl_coef", "0").kl_coef == 0
+    with pytest.raises(UserError, match="or --kl_coef 0"):
+        config("--task", "shapes", "--offload_model", "true", "--algorithm", "grpo", "--kl_coef", "1")
+    assert config("--task", "shapes", "--offload_model", "true", "--algorithm", "grpo").kl_coef == 0  # as before
     (tmp_path / "c.yaml").write_text("task: shapes\nlearning_rate: 3.0e-4\n")
     from_file = config(config_file=str(tmp_path / "c.yaml"))
     assert from_file.learning_rate == 3e-4 and from_file.algorithm == "nft"

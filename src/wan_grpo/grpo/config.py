@@ -159,7 +159,8 @@ class TrainConfig(RewardConfig, PolicyConfig):
             raise UserError(f"--max_steps {self.max_steps} is not a multiple of --optimizer_steps_per_rollout {k} "
                             f"(a rollout's optimizer steps are never split); use {lower or upper} or {upper}")
         if self.offload_model and (self.dit_fsdp or (self.kl_coef > 0 and self.lora_rank == 0)):
-            raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them")
+            raise UserError("--offload_model works without --dit_fsdp and, for KL, with LoRA; drop one of them "
+                            "(for KL: --lora_rank or --kl_coef 0)")
         if self.dit_fsdp and self.kl_coef > 0 and self.lora_rank == 0:
             raise UserError("--kl_coef with full fine-tuning under --dit_fsdp is not supported; use LoRA "
                             "(--lora_rank) or --kl_coef 0")

@@ -1,4 +1,4 @@
-"""``make demo``: GRPO on the Shapes model, then held-out accuracy base -> trained per level.
+"""``make demo``: DiffusionNFT on the Shapes model, then held-out accuracy base -> trained per level.
 
 Runs ``wan-grpo train --config configs/shapes-demo.yaml`` and, for each level, ``wan-grpo eval`` of
 the base model and of the trained checkpoint on the held-out prompts (same seeds), whose
