@@ -205,7 +205,8 @@ def load_yaml(path: str | Path) -> dict:
 def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None = None):
     """Dataclass from defaults < the given --task's defaults (``cls.TASK_DEFAULTS``) < YAML file < flags.
 
-    A task's defaults are a dict, or a function of the values given (file and flags, read) that returns one."""
+    ``cls.TASK_DEFAULTS`` maps a task to a function of the values given (file and flags, read) that returns
+    that task's defaults."""
     values: dict = {}
     if config_file:
         data = load_yaml(config_file)
@@ -214,10 +215,9 @@ def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None 
     flags = {k: v for k, v in vars(namespace).items() if k not in ("command", "config")}
     _check_keys(cls, flags, "the command line")
     values.update(flags)
-    values = _coerced(cls, values)
-    task = values.get("task")
-    defaults = getattr(cls, "TASK_DEFAULTS", {}).get(task if isinstance(task, str) else None, {})
-    for key, value in _coerced(cls, defaults(values) if callable(defaults) else defaults).items():
+    values = _coerced(cls, values)  # so a task's defaults see read values; a bad --task is refused here
+    task_defaults = getattr(cls, "TASK_DEFAULTS", {}).get(values.get("task"))
+    for key, value in _coerced(cls, task_defaults(values) if task_defaults else {}).items():
         values.setdefault(key, value)
     config = cls(**values)
     check_ranges(config)
