@@ -122,7 +122,7 @@ def test_lora_loads_into_wan_pipeline_for_both_experts(tmp_path, tiny_ckpt):
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
-def test_resume_is_exact(tmp_path, capsys, mode):
+def test_resume_is_exact(tmp_path, capsys, caplog, mode):
     args = [*SHAPES, *(["--lora_rank", "4", "--learning_rate", "1e-2"] if mode == "lora" else
                        ["--lora_rank", "0", "--learning_rate", "1e-3"])]
     _, straight = sft(tmp_path, "straight", *args, "--max_steps", "4")
@@ -133,7 +133,10 @@ def test_resume_is_exact(tmp_path, capsys, mode):
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len(err) == 1 and "not the 50 (in that order)" in err[0] and "start a new --save_dir" in err[0], err
         assert sorted(c.name for c in (tmp_path / "part").glob("checkpoint-*")) == ["checkpoint-2"]
-    part_dir, resumed = sft(tmp_path, "part", *args, "--max_steps", "4", "--resume", "auto")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="wan_grpo"):
+        part_dir, resumed = sft(tmp_path, "part", *args, "--max_steps", "4", "--resume", "auto")
+    assert "not trained with" not in caplog.text  # the same settings: no warning of changed ones
     assert resumed == straight
     name = "pytorch_lora_weights.safetensors" if mode == "lora" else "diffusion_pytorch_model.safetensors"
     for sub in ("transformer", "transformer_2"):

@@ -258,6 +258,13 @@ def test_empty_prompt_file_and_bad_config_key(tmp_path, capsys):
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'learning_rat'" in err and "did you mean 'learning_rate'?" in err
+    # a YAML null (`key: null` or `key:`) is refused for a key that takes no None, not passed on to crash later
+    for text in ("learning_rate: null\n", "learning_rate:\n"):
+        cfg.write_text(text)
+        assert main(["train", *FAST, "--config", str(cfg), "--save_dir", str(tmp_path / "null")]) == 2
+        err = capsys.readouterr().err
+        assert "learning_rate: null is not a float; give a value or delete the key" in err, err
+    assert not (tmp_path / "null").exists()
 
 
 def test_config_file_and_flag_precedence(tmp_path):
@@ -268,6 +275,11 @@ def test_config_file_and_flag_precedence(tmp_path):
     written = (save_dir / "config.yaml").read_text()
     assert "num_generations: 3" in written and "lora_rank: 2" in written
     assert len(read_metrics(save_dir)) == 1
+    # a run's own config.yaml (its None-valued keys written as null) is a valid --config
+    assert "init_lora: null" in written
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(save_dir / "config.yaml"), "--save_dir", str(again)]) == 0
+    assert (again / "config.yaml").read_text().replace(str(again), str(save_dir)) == written
 
 
 @pytest.mark.parametrize("lora", ["0", "4"])

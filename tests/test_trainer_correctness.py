@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wan_grpo.cli import main
-from wan_grpo.grpo import trainer, update
+from wan_grpo.grpo import checkpoint, trainer, update
 from wan_grpo.grpo.metrics import read_metrics
 from wan_grpo.models import tiny
 
@@ -190,6 +190,42 @@ def test_resume_with_same_targets_in_another_order_is_fine(tmp_path):
     _, rows = train(tmp_path, "run", "--lora_rank", "2", "--lora_target_modules", "to_k, to_q", "--max_steps", "2",
                     "--resume", "auto")
     assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_resume_warns_of_every_changed_setting_and_refuses_another_step_count(tmp_path, capsys, monkeypatch, caplog):
+    """A changed default (e.g. --task shapes's kl_coef) would otherwise continue a run silently as another one."""
+    base = ["--lora_rank", "2", "--optimizer_steps_per_rollout", "2", "--sampling_steps", "6"]
+    save_dir, _ = train(tmp_path, "run", *base, "--max_steps", "2")
+    with caplog.at_level("WARNING", logger="wan_grpo"):  # the same settings, other placement and stop: silent
+        train(tmp_path, "run", *base, "--max_steps", "4", "--resume", "auto", "--decode_batch_size", "1")
+    assert "not trained with" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="wan_grpo"):
+        _, rows = train(tmp_path, "run", *base, "--max_steps", "6", "--resume", "auto", "--kl_coef", "0.5",
+                        "--learning_rate", "1e-4")
+    warned = [r.getMessage() for r in caplog.records if "not trained with" in r.getMessage()]
+    assert len(warned) == 1 and "checkpoint-4" in warned[0], warned
+    assert "kl_coef 0.5 (it had 0.0), learning_rate 0.0001 (it had 8e-06)" in warned[0]
+    assert warned[0].endswith("pass --kl_coef 0.0 --learning_rate 8e-06")
+    assert [r["step"] for r in rows] == list(range(1, 7))  # a warning: the run goes on
+    before = {p: p.stat().st_mtime_ns for p in save_dir.rglob("*") if p.is_file()}
+    args = ["--lora_rank", "2", "--optimizer_steps_per_rollout", "1", "--sampling_steps", "6", "--max_steps", "8",
+            "--resume", "auto"]
+    err = one_line_error(capsys, ["train", *FAST, "--save_dir", str(save_dir), *args], monkeypatch)
+    assert "--optimizer_steps_per_rollout 1 differs from" in err and "resume with --optimizer_steps_per_rollout 2" \
+        in err, err
+    err = one_line_error(capsys, ["sft", "--task", "tiny", "--dataset", "shapes:1", "--save_dir", str(save_dir),
+                                  "--resume", "auto"])
+    assert "is a wan-grpo train checkpoint, not sft's; resume it with wan-grpo train" in err, err
+    assert before == {p: p.stat().st_mtime_ns for p in save_dir.rglob("*") if p.is_file()}  # nothing touched
+
+
+def test_resume_hint_gives_back_saved_values_a_shell_can_take():
+    changed = {"negative_prompt": ("blurry, low quality", ""), "learning_rate_2": (None, 1e-4), "kl_coef": (0.0, 1.0)}
+    assert checkpoint._restoring_flags(changed) == ("--negative_prompt 'blurry, low quality' --kl_coef 0.0 and "
+                                                    "`learning_rate_2: null` in a --config file")
+    assert checkpoint.changed_settings({"seed": 1, "save_dir": "a", "old_key": 1}, {"seed": 2, "save_dir": "b"}) \
+        == {"seed": (1, 2)}
 
 
 # ----------------------------------------------------------------------------- 7. small ones

@@ -227,6 +227,10 @@ def build_config(cls, namespace: argparse.Namespace, *, config_file: str | None 
 def _coerced(cls, values: dict) -> dict:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in values.items():  # a YAML `key: null` or `key:`; only fields whose default may be None take it
+        if v is None and k in fields and type(None) not in typing.get_args(hints[k]):
+            raise UserError(f"{k}: null is not a {_field_type(fields[k], hints).__name__}; give a value or delete "
+                            "the key to keep the default")
     return {k: _coerce(fields[k], hints, v) if k in fields and v is not None else v for k, v in values.items()}
 
 

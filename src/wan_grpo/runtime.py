@@ -137,11 +137,17 @@ def resolve_config(cfg):
     return filled, info
 
 
+def with_precision(cfg):
+    """``cfg`` with --mixed_precision's default filled for its --device: what a run saves in its checkpoints, so
+    the trainers fill it before comparing a checkpoint's config with theirs."""
+    return dataclasses.replace(cfg, mixed_precision=resolve_precision(cfg.mixed_precision, resolve_device(cfg.device)))
+
+
 def load_model(cfg, *, load_text_encoder: bool = True):
     """(components, cfg with every None default filled, device, dtype). The models stay on CPU until placed."""
 
     device = resolve_device(cfg.device)
-    cfg = dataclasses.replace(cfg, mixed_precision=resolve_precision(cfg.mixed_precision, device))
+    cfg = with_precision(cfg)
     dtype = resolve_dtype(cfg.dtype, device, cfg.mixed_precision)
     check_attention_backend(cfg.attention_backend)
     check_compile(cfg.compile, device.type)

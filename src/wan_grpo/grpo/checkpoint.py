@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -286,14 +287,48 @@ def prompts_record(prompts: list[str]) -> dict:
     return {"count": len(prompts), "sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
 
 
+# Keys a resumed run may change silently: where it writes and logs, how often, when it stops (a cosine schedule
+# stretches to the new end), and how the work is placed on devices and processes (the last bits of the numbers
+# may differ); the training data are compared by content (check_same_prompts).
+PLACEMENT_KEYS = frozenset((
+    "save_dir", "save_interval", "keep_checkpoints", "log_interval", "resume", "tensorboard", "report_to",
+    "wandb_project", "wandb_run_name", "max_steps", "num_epochs", "sample_interval", "eval_interval", "eval_prompts",
+    "prompts", "dataset", "captions", "device", "dit_fsdp", "ulysses_size", "offload_model", "gradient_checkpointing",
+    "compile", "rollout_batch_size", "decode_batch_size", "train_batch_size", "trajectory_on_cpu", "t5_cpu",
+    "t5_fsdp", "vae_slicing", "vae_tiling", "embedding_cache", "attention_backend", "reward_device", "reward_token",
+    "reward_timeout", "reward_retries", "reward_batch_size"))
+
+
+def changed_settings(saved: dict, now: dict, skip=()) -> dict:
+    """{key: (saved value, value now)} for the settings outside PLACEMENT_KEYS and ``skip`` that differ (keys one
+    side lacks, from another wan-grpo version, are skipped)."""
+    keys = saved.keys() & now.keys() - PLACEMENT_KEYS - set(skip)
+    return {k: (saved[k], now[k]) for k in sorted(keys) if saved[k] != now[k]}
+
+
+def _restoring_flags(changed: dict) -> str:
+    """The flags that give back the saved values; a saved None has no flag (only a config file's `key: null`)."""
+    flags = " ".join(f"--{k} {shlex.quote(str(old))}" for k, (old, _) in changed.items() if old is not None)
+    unset = [k for k, (old, _) in changed.items() if old is None]
+    return flags + (f"{' and ' if flags else ''}`{': null`, `'.join(unset)}: null` in a --config file" if unset else "")
+
+
 def check_resumable(path: Path, cfg) -> dict | None:
-    """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds.
+    """One-line error, before any model loads, when ``cfg`` trains other parameters than ``path`` holds, or
+    numbers its steps otherwise; a warning naming every other setting that differs from the checkpoint's (a
+    changed default included), since the continued run is then not the one that was saved.
     Returns the checkpoint's prompt-list record (None in checkpoints older than it) for check_same_prompts."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     saved = state.get("config", {})
+    if saved and ("algorithm" in saved) != hasattr(cfg, "algorithm"):  # only train's config has an algorithm
+        made, other = ("train", "sft") if "algorithm" in saved else ("sft", "train")
+        raise UserError(f"{path} is a wan-grpo {made} checkpoint, not {other}'s; resume it with wan-grpo {made} or "
+                        "start a new --save_dir")
     checks = [("algorithm", lambda c: c.get("algorithm", "grpo")), ("lora_rank", lambda c: int(c["lora_rank"])),
               ("init_lora", lambda c: c.get("init_lora")), ("init_lora_mode", lambda c: c.get("init_lora_mode")),
-              ("train_experts", lambda c: sorted(expert_names(c["train_experts"])))]
+              ("train_experts", lambda c: sorted(expert_names(c["train_experts"]))),
+              # steps (checkpoint names, the LR schedule, metrics) count optimizer steps, k to a rollout
+              ("optimizer_steps_per_rollout", lambda c: c.get("optimizer_steps_per_rollout"))]
     if cfg.lora_rank > 0 and saved.get("lora_rank", 0) > 0:
         checks += [("lora_alpha", lambda c: float(c["lora_alpha"])),
                    ("lora_target_modules", lambda c: lora_targets(c["lora_target_modules"]))]
@@ -301,6 +336,13 @@ def check_resumable(path: Path, cfg) -> dict | None:
         if name in saved and norm(saved) != norm(vars(cfg)):
             raise UserError(f"--{name} {getattr(cfg, name)!r} differs from {path}'s {saved[name]!r}; resume with "
                             f"--{name} {saved[name]} or start a new --save_dir")
+    # the checked keys compare normalised; LoRA's shape is checked above where there is a LoRA, moot where none
+    changed = changed_settings(saved, vars(cfg), skip=[*(name for name, _ in checks), "lora_alpha",
+                                                       "lora_target_modules"])
+    if changed and os.environ.get("RANK", "0") == "0":
+        log.warning("resuming %s with settings it was not trained with: %s; to continue it unchanged, pass %s",
+                    path, ", ".join(f"{k} {new!r} (it had {old!r})" for k, (old, new) in changed.items()),
+                    _restoring_flags(changed))
     return state.get("prompts")
 
 

@@ -71,6 +71,7 @@ from wan_grpo.runtime import (
     place,
     resolve_config,
     resolve_device,
+    with_precision,
 )
 from wan_grpo.sampling.conditioning import check_prompt_images, encode_images
 from wan_grpo.sampling.rollout import SamplerConfig, latent_shape
@@ -274,7 +275,7 @@ def setup(cfg: TrainConfig) -> Run:
     check_reward_flags(cfg, default=default_reward(cfg.task))
     resume = resolve_resume(cfg.resume, save_dir)
     if resume is not None:
-        check_same_prompts(check_resumable(resume, cfg), prompts, "--prompts", resume)
+        check_same_prompts(check_resumable(resume, with_precision(cfg)), prompts, "--prompts", resume)
 
     device = resolve_device(cfg.device)
     context_parallel.check_device(cfg.ulysses_size, world_size=int(os.environ.get("WORLD_SIZE", 1)),

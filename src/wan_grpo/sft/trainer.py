@@ -42,7 +42,7 @@ from wan_grpo.grpo.update import clip_gradients, current_lrs, finish_step
 from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import encode_videos
-from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_config
+from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_config, with_precision
 from wan_grpo.seeding import TRAIN_NOISE, sample_seed, seed_everything, stream
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.data import load_dataset
@@ -89,7 +89,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
                         f"{', '.join(e.label for e in trained)}: drop the flag")
     save_dir = Path(cfg.save_dir)
     resume = resolve_resume(cfg.resume, save_dir)
-    record = check_resumable(resume, cfg) if resume is not None else None
+    record = check_resumable(resume, with_precision(cfg)) if resume is not None else None
     dist = init_distributed(device_type="cpu", need_group=cfg.dit_fsdp)
     if dist.world_size > 1:
         raise UserError("wan-grpo sft runs on one process; launch it without torchrun")
