@@ -87,6 +87,8 @@ SETTINGS = {
     "nft-k6-d2-kl10": [*NFT_K6_D2, "--kl_coef", "10"],
     # kl10 held everything at the base; kl1 is --task shapes's default (TRAIN_DEFAULTS; tests/test_presets.py)
     "nft-k6-d2-kl1": [*NFT_K6_D2, "--kl_coef", "1"],
+    # between the two: does level 2 keep more of nft-k6-d2's gain (kl1 gave up about half of it on held-out)?
+    "nft-k6-d2-kl0.3": [*NFT_K6_D2, "--kl_coef", "0.3"],
     # nft-k6-d2 with four noise draws per transition: a lower-variance gradient for 2x nft-k6-d2's train time
     "nft-k6-d4": replaced(NFT_K6_D2, nft_noise_draws="4"),
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
