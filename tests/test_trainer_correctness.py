@@ -226,6 +226,9 @@ def test_resume_hint_gives_back_saved_values_a_shell_can_take():
                                                     "`learning_rate_2: null` in a --config file")
     assert checkpoint.changed_settings({"seed": 1, "save_dir": "a", "old_key": 1}, {"seed": 2, "save_dir": "b"}) \
         == {"seed": (1, 2)}
+    # one size in two spellings is no change; another size is
+    assert checkpoint.changed_settings({"size": "832*480"}, {"size": "832x480"}) == {}
+    assert checkpoint.changed_settings({"size": "832*480"}, {"size": "480*832"}) == {"size": ("832*480", "480*832")}
 
 
 # ----------------------------------------------------------------------------- 7. small ones
