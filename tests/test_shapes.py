@@ -349,8 +349,8 @@ RECORDED_HIGH = [2.3125226497650146, 2.2998201847076416]
 
 def test_a_build_with_other_vae_flags_and_patch_one_experts(tmp_path, capsys):
     """Non-default VAE flags (time stride 2, the previous base's widths, a random start) and --patch 1
-    experts: the model loads and its VAE takes 9 frames to 5 latent frames and back. Bad VAE flags, and
-    any VAE flag beside --vae_from, are refused before anything is written."""
+    experts of two heads (64 wide): the model loads and its VAE takes 9 frames to 5 latent frames and back.
+    Bad VAE flags, and any VAE flag beside --vae_from, are refused before anything is written."""
     import json
 
     from wan_grpo.config import SampleConfig
@@ -377,19 +377,22 @@ def test_a_build_with_other_vae_flags_and_patch_one_experts(tmp_path, capsys):
                       (["--vae_lr", "-1"], "want z_dim >= 1 and a finite lr > 0"),
                       (["--vae_level1_share", "1.5"], "want a share in [0, 1]"),
                       (["--vae_dim_mult", "1,2,4"], "is not four positive widths"),
-                      (["--vae_dim_mult", "1,0,4,4"], "is not four positive widths")):
+                      (["--vae_dim_mult", "1,0,4,4"], "is not four positive widths"),
+                      (["--heads", "0"], "--heads 0: want >= 1")):
         with pytest.raises(SystemExit):
             build(["--out", str(out), "--work", str(tmp_path / "bad"), *bad])
         assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert build(["--out", str(out), "--work", str(tmp_path / "work"), "--vae_steps", "2", "--vae_time_stride", "2",
-                  "--vae_dim_mult", "1,2,2,2", "--vae_init", "none", "--patch", "1", "--stage", "both:2:1e-3:1",
-                  "--dataset", "shapes:1", "--vae_check_videos", "1"]) == 0
+                  "--vae_dim_mult", "1,2,2,2", "--vae_init", "none", "--patch", "1", "--heads", "2",
+                  "--stage", "both:2:1e-3:1", "--dataset", "shapes:1", "--vae_check_videos", "1"]) == 0
     card = json.loads((out / "build.json").read_text())
     assert card["vae"] == {"z_dim": 16, "scale_factor_temporal": 2, "dim_mult": [1, 2, 2, 2]} and card["patch"] == 1
+    assert card["heads"] == 2
     assert card["vae_init"] is None
     components, cfg, _, _ = load_model(SampleConfig(ckpt_dir=str(out)), load_text_encoder=False)
     assert components.vae_scale_factor_temporal == 2
     assert tuple(components.transformer_2.config.patch_size) == (1, 1, 1)
+    assert (components.transformer.config.num_attention_heads, components.transformer.config.ffn_dim) == (2, 256)
     with torch.no_grad():
         z = components.vae.encode(torch.zeros(1, 3, 9, 64, 64)).latent_dist.mode()
         assert z.shape[2] == 5 and components.vae.decode(z).sample.shape[2] == 9

@@ -20,7 +20,7 @@ reuses the shipped base's VAE (``--vae_from``) and so skips step 1, writing the 
 4. The result is written atomically to ``--out`` with its build card (build.json).
 
 ``python -m wan_grpo.tasks.shapes.build --out DIR [--work DIR] [--vae_steps N] [--stage EXPERTS:STEPS:LR:VPP ...]``
-(``-h`` lists the rest: the VAE's shape and training, its warm start, the experts' patch size)
+(``-h`` lists the rest: the VAE's shape and training, its warm start, the experts' patch size and width)
 """
 
 from __future__ import annotations
@@ -164,20 +164,32 @@ def _round_trip(vae: AutoencoderKLWan, x: torch.Tensor) -> tuple[torch.Tensor, t
     if vae.config.scale_factor_temporal == 1:
         mu = vae.quant_conv(vae.encoder(x)).chunk(2, dim=1)[0]
         return mu, vae.decoder(vae.post_quant_conv(mu))
+    mu = encoded(vae, x)
+    return mu, decoded(vae, mu)
+
+
+def encoded(vae: AutoencoderKLWan, x: torch.Tensor) -> torch.Tensor:
+    """The latent mean of ``x`` along ``encode``'s cached path (a VAE that compresses time), with gradients."""
     vae.clear_cache()
     chunks = [x[:, :, :1]] + [x[:, :, i:i + 4] for i in range(1, x.shape[2], 4)]
-    encoded = []
+    out = []
     for chunk in chunks:
         vae._enc_conv_idx = [0]
-        encoded.append(vae.encoder(chunk, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
-    mu = vae.quant_conv(torch.cat(encoded, 2)).chunk(2, dim=1)[0]
-    z, decoded = vae.post_quant_conv(mu), []
+        out.append(vae.encoder(chunk, feat_cache=vae._enc_feat_map, feat_idx=vae._enc_conv_idx))
+    vae.clear_cache()
+    return vae.quant_conv(torch.cat(out, 2)).chunk(2, dim=1)[0]
+
+
+def decoded(vae: AutoencoderKLWan, mu: torch.Tensor) -> torch.Tensor:
+    """The unclamped decoding of latents ``mu`` along ``decode``'s cached path, with gradients."""
+    z, out = vae.post_quant_conv(mu), []
+    vae.clear_cache()
     for i in range(z.shape[2]):
         vae._conv_idx = [0]
-        decoded.append(vae.decoder(z[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
-                                   first_chunk=i == 0))
+        out.append(vae.decoder(z[:, :, i:i + 1], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                               first_chunk=i == 0))
     vae.clear_cache()
-    return mu, torch.cat(decoded, 2)
+    return torch.cat(out, 2)
 
 
 def train_vae(steps: int, *, seed: int = SEED, batch: int = 8, lr: float = 3e-3, on_step=None,
@@ -246,11 +258,14 @@ def reconstruction_report(vae: AutoencoderKLWan, *, seed: int = SEED, videos: in
     return report
 
 
-def random_pipeline(vae: AutoencoderKLWan, *, seed: int = SEED, text_steps: int = 300, patch: int = 2) -> WanPipeline:
-    """Random experts (their channels the VAE's); the text encoder is taught the grammar on the training
-    prompts first."""
+def random_pipeline(vae: AutoencoderKLWan, *, seed: int = SEED, text_steps: int = 300, patch: int = 2,
+                    heads: int = DIT_CONFIG["num_attention_heads"]) -> WanPipeline:
+    """Random experts (their channels the VAE's; ``heads`` of 32 channels wide, the feed-forward 4x that width);
+    the text encoder is taught the grammar on the training prompts first."""
     z = vae.config.z_dim
-    config = dict(DIT_CONFIG, in_channels=z, out_channels=z, patch_size=(1, patch, patch))
+    width = heads * DIT_CONFIG["attention_head_dim"]
+    config = dict(DIT_CONFIG, in_channels=z, out_channels=z, patch_size=(1, patch, patch), num_attention_heads=heads,
+                  ffn_dim=4 * width)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 10)
@@ -350,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
                                            "base's VAE, shipped in tasks/shapes/vae_warm_start; none: random).")
     parser.add_argument("--patch", type=int, default=2, choices=(1, 2),
                         help="The experts' spatial patch size: 2 gives a 64*64 frame 4*4 tokens, 1 gives 8*8.")
+    parser.add_argument("--heads", type=int, default=DIT_CONFIG["num_attention_heads"],
+                        help="The experts' attention heads, 32 channels each; the feed-forward is 4x that width "
+                             f"(default {DIT_CONFIG['num_attention_heads']}: 128 wide).")
     parser.add_argument("--vae_check_videos", type=int, default=32,
                         help="Held-out renders per level whose VAE round trips the build card scores.")
     args = parser.parse_args(argv)
@@ -374,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--vae_z_dim {args.vae_z_dim} --vae_lr {args.vae_lr}: want z_dim >= 1 and a finite lr > 0")
     if not 0 <= args.vae_level1_share <= 1:
         parser.error(f"--vae_level1_share {args.vae_level1_share}: want a share in [0, 1]")
+    if args.heads < 1:
+        parser.error(f"--heads {args.heads}: want >= 1")
     if args.vae_check_videos < 1:
         parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
     try:
@@ -404,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "vae_losses.json").write_text(json.dumps(losses))
     init = work / "init"
     shutil.rmtree(init, ignore_errors=True)
-    save_pipeline(random_pipeline(vae, patch=args.patch), init)
+    save_pipeline(random_pipeline(vae, patch=args.patch, heads=args.heads), init)
     vae_shape = {k: vae.config[k] for k in ("z_dim", "scale_factor_temporal", "dim_mult")}
     vae_card = {"vae_round_trip": vae_report, "vae": vae_shape, **recipe}
     (init / "build.json").write_text(json.dumps(vae_card, indent=2) + "\n")  # so --vae_from init finds the recipe
@@ -426,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     assembled = out.with_name(f".{out.name}.tmp")
     _assemble(init, final, assembled)
     # with --vae_from, build_seconds leaves out the VAE's training
-    card = {"vae_round_trip": vae_report, "vae": vae_shape, "patch": args.patch,
+    card = {"vae_round_trip": vae_report, "vae": vae_shape, "patch": args.patch, "heads": args.heads,
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0),
             **recipe}
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
