@@ -69,6 +69,10 @@ def main():
         args.steps, args.batch, args.check_videos = 2, 2, 1
     elif not args.out:
         p.error("--out is required (the model folder to write)")
+    elif args.record:
+        p.error("--record: this probe prints its table only; its numbers are in docs/benchmarks.md by hand")
+    elif Path(args.out).resolve().is_relative_to(BASE_DIR) or BASE_DIR.is_relative_to(Path(args.out).resolve()):
+        p.error(f"--out {args.out} would overwrite the shipped base; give a folder outside {BASE_DIR}")
     torch.set_num_threads(2)
     tmp = tempfile.TemporaryDirectory() if args.smoke else None
     out = Path(tmp.name) / "model" if tmp else Path(args.out)
