@@ -21,8 +21,7 @@ from _common import parser
 from diffusers import AutoencoderKLWan
 
 from wan_grpo.tasks.shapes import BASE_DIR
-from wan_grpo.tasks.shapes.build import _crops, _scene_draw, decoded, encoded, reconstruction_report
-from wan_grpo.tasks.shapes.world import BACKGROUND
+from wan_grpo.tasks.shapes.build import _crops, _scene_draw, decoded, encoded, reconstruction_report, vae_loss
 
 
 def finetune_decoder(vae: AutoencoderKLWan, *, steps: int, lr: float, max_noise: float, batch: int,
@@ -37,7 +36,6 @@ def finetune_decoder(vae: AutoencoderKLWan, *, steps: int, lr: float, max_noise:
     opt = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
     rng, draw = np.random.default_rng(seed), _scene_draw(0.5)
-    background = torch.tensor(BACKGROUND).float().view(1, 3, 1, 1, 1) / 127.5 - 1
     losses = []
     for _ in range(steps):
         x = _crops(rng, draw, batch)
@@ -45,8 +43,7 @@ def finetune_decoder(vae: AutoencoderKLWan, *, steps: int, lr: float, max_noise:
             mu = encoded(vae, x)
         s = torch.rand(batch, 1, 1, 1, 1) * max_noise
         out = decoded(vae, mu + s * std * torch.randn_like(mu))
-        weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.1).any(2, keepdim=True).float()
-        loss = (weight * (out - x) ** 2).mean()  # the build's VAE loss
+        loss = vae_loss(out, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

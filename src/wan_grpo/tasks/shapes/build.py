@@ -192,6 +192,14 @@ def decoded(vae: AutoencoderKLWan, mu: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, 2)
 
 
+def vae_loss(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """MSE of a reconstruction ``out`` of clips ``x`` (in [-1, 1]), every pixel an object covers in any frame
+    weighed 5x: where an object was is where a causal decoder leaves ghosts."""
+    background = torch.tensor(BACKGROUND, dtype=x.dtype).view(1, 3, 1, 1, 1) / 127.5 - 1
+    weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.1).any(2, keepdim=True).float()
+    return (weight * (out - x) ** 2).mean()
+
+
 def train_vae(steps: int, *, seed: int = SEED, batch: int = 8, lr: float = 3e-3, on_step=None,
               config: dict | None = None, init: str | None = None,
               level1_share: float | None = None) -> AutoencoderKLWan:
@@ -208,13 +216,10 @@ def train_vae(steps: int, *, seed: int = SEED, batch: int = 8, lr: float = 3e-3,
         draw = _scene_draw(level1_share)
         opt = torch.optim.Adam(vae.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
-        background = torch.tensor(BACKGROUND).float().view(1, 3, 1, 1, 1) / 127.5 - 1
         for step in range(steps):
             x = _crops(rng, draw, batch)
             mu, out = _round_trip(vae, x)
-            # objects' pixels in any frame weigh 5x: where an object was is where a causal decoder leaves ghosts
-            weight = 1 + 4 * ((x - background).abs().sum(1, keepdim=True) > 0.1).any(2, keepdim=True).float()
-            loss = (weight * (out - x) ** 2).mean()
+            loss = vae_loss(out, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
