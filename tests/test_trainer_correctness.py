@@ -226,9 +226,27 @@ def test_resume_hint_gives_back_saved_values_a_shell_can_take():
                                                     "`learning_rate_2: null` in a --config file")
     assert checkpoint.changed_settings({"seed": 1, "save_dir": "a", "old_key": 1}, {"seed": 2, "save_dir": "b"}) \
         == {"seed": (1, 2)}
-    # one size in two spellings is no change; another size is
-    assert checkpoint.changed_settings({"size": "832*480"}, {"size": "832x480"}) == {}
     assert checkpoint.changed_settings({"size": "832*480"}, {"size": "480*832"}) == {"size": ("832*480", "480*832")}
+
+
+@pytest.mark.parametrize("cls", ["TrainConfig", "SFTConfig", "EvalConfig", "SampleConfig"])
+def test_a_size_has_one_spelling_once_parsed(cls, tmp_path):
+    """--size 832x480 and a YAML 832 X 480 become 832*480 when the config is read, so a resume, an eval's
+    --compare_to and the model card all see one spelling; a size that is not W*H is a one-line error there."""
+    import argparse
+
+    from wan_grpo.config import build_config
+    from wan_grpo.errors import UserError
+
+    kind = {"TrainConfig": "wan_grpo.grpo.config", "SFTConfig": "wan_grpo.sft.config",
+            "EvalConfig": "wan_grpo.evaluate", "SampleConfig": "wan_grpo.config"}[cls]
+    cls = getattr(__import__(kind, fromlist=[cls]), cls)
+    assert build_config(cls, argparse.Namespace(size="832x480")).size == "832*480"
+    (tmp_path / "c.yaml").write_text("size: 832 X 480\n")
+    assert build_config(cls, argparse.Namespace(), config_file=str(tmp_path / "c.yaml")).size == "832*480"
+    assert build_config(cls, argparse.Namespace()).size is None  # unset stays the preset's
+    with pytest.raises(UserError, match=r"--size '832' is not W\*H; write it as e\.g\. 832\*480"):
+        build_config(cls, argparse.Namespace(size="832"))
 
 
 # ----------------------------------------------------------------------------- 7. small ones

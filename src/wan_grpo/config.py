@@ -95,7 +95,7 @@ class ModelConfig:
     seed: int = opt(0, "Random seed: decides the initial noise (as diffusers' WanPipeline with "
                        "Generator('cpu').manual_seed), SDE noise, trained timesteps, LoRA initialisation and data "
                        "order, on any number of processes.", ge=0, lt=2**32)
-    size: str | None = opt(None, "Video size W*H, e.g. 832*480. Default: the preset's.")
+    size: str | None = opt(None, "Video size W*H, e.g. 832*480 (832x480 is read as that). Default: the preset's.")
     frame_num: int | None = opt(None, "Frames per video (4k+1). Default: the preset's.", ge=1)
     fps: int | None = opt(None, "Frames per second of written videos. Default: the preset's.", gt=0)
     sampling_steps: int | None = opt(None, "Denoising steps. Default: the preset's.", ge=1)
@@ -231,7 +231,10 @@ def _coerced(cls, values: dict) -> dict:
         if v is None and k in fields and type(None) not in typing.get_args(hints[k]):
             raise UserError(f"{k}: null is not a {_field_type(fields[k], hints).__name__}; give a value or delete "
                             "the key to keep the default")
-    return {k: _coerce(fields[k], hints, v) if k in fields and v is not None else v for k, v in values.items()}
+    values = {k: _coerce(fields[k], hints, v) if k in fields and v is not None else v for k, v in values.items()}
+    if "size" in fields and values.get("size") is not None:  # one spelling everywhere a size is compared or shown
+        values["size"] = "{}*{}".format(*parse_size(values["size"]))
+    return values
 
 
 def _coerce(f, hints, value):

@@ -69,6 +69,7 @@ def _shapes_pipeline_call(cfg: dict) -> str:
     (the preset's where unset)."""
     from pathlib import Path
 
+    from wan_grpo.config import parse_size
     from wan_grpo.models.files import read_json
     from wan_grpo.models.loading import text_length
     from wan_grpo.specs import PRESETS
@@ -78,7 +79,7 @@ def _shapes_pipeline_call(cfg: dict) -> str:
     def setting(name: str, default):
         return cfg.get(name) or default
 
-    width, _, height = str(setting("size", preset.size)).partition("*")
+    width, height = parse_size(setting("size", preset.size))
     ckpt = Path(str(cfg.get("ckpt_dir")))
     text_len = text_length(ckpt / "tokenizer")
     frames, fewer = int(setting("frame_num", preset.frame_num)), ""

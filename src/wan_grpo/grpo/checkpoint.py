@@ -43,7 +43,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from wan_grpo.config import parse_size
 from wan_grpo.distributed import all_reduce_sum, barrier
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.policy import expert_names, lora_targets
@@ -300,23 +299,11 @@ PLACEMENT_KEYS = frozenset((
     "reward_timeout", "reward_retries", "reward_batch_size"))
 
 
-def _same_setting(key: str, a, b) -> bool:
-    """Whether two values of a setting mean the same (``--size 832x480`` is ``832*480``)."""
-    if a == b:
-        return True
-    if key == "size" and a is not None and b is not None:
-        try:
-            return parse_size(a) == parse_size(b)
-        except UserError:
-            return False
-    return False
-
-
 def changed_settings(saved: dict, now: dict, skip=()) -> dict:
     """{key: (saved value, value now)} for the settings outside PLACEMENT_KEYS and ``skip`` that differ (keys one
     side lacks, from another wan-grpo version, are skipped)."""
     keys = saved.keys() & now.keys() - PLACEMENT_KEYS - set(skip)
-    return {k: (saved[k], now[k]) for k in sorted(keys) if not _same_setting(k, saved[k], now[k])}
+    return {k: (saved[k], now[k]) for k in sorted(keys) if saved[k] != now[k]}
 
 
 def _restoring_flags(changed: dict) -> str:
