@@ -89,6 +89,9 @@ SETTINGS = {
     "nft-k6-d2-kl1": [*NFT_K6_D2, "--kl_coef", "1"],
     # between the two: does level 2 keep more of nft-k6-d2's gain (kl1 gave up about half of it on held-out)?
     "nft-k6-d2-kl0.3": [*NFT_K6_D2, "--kl_coef", "0.3"],
+    # partial credit beside accuracy on level 2: about half of its groups of 8 score all 0 (or all 1) on accuracy
+    # and so teach nothing, while their colour, shape and relation checks still differ
+    "nft-k6-d2-partial": [*NFT_K6_D2, "--shapes_coefs", "accuracy=1,partial=1"],
     # nft-k6-d2 with four noise draws per transition: a lower-variance gradient for 2x nft-k6-d2's train time
     "nft-k6-d4": replaced(NFT_K6_D2, nft_noise_draws="4"),
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
