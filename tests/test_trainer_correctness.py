@@ -1,14 +1,21 @@
 """Trainer correctness: frozen experts, logged learning rates, the KL reference, empty optimizer steps,
 --max_steps, resume with another LoRA shape, and the small ones (issue: seven defects of a sweep)."""
 
+import argparse
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from wan_grpo.cli import main
+from wan_grpo.config import SampleConfig, build_config
+from wan_grpo.errors import UserError
+from wan_grpo.evaluate import EvalConfig
 from wan_grpo.grpo import checkpoint, trainer, update
+from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.metrics import read_metrics
 from wan_grpo.models import tiny
+from wan_grpo.sft.config import SFTConfig
 
 FAST = ["--task", "tiny", "--num_generations", "4", "--tensorboard", "false", "--log_interval", "0",
         "--num_epochs", "10"]
@@ -229,18 +236,10 @@ def test_resume_hint_gives_back_saved_values_a_shell_can_take():
     assert checkpoint.changed_settings({"size": "832*480"}, {"size": "480*832"}) == {"size": ("832*480", "480*832")}
 
 
-@pytest.mark.parametrize("cls", ["TrainConfig", "SFTConfig", "EvalConfig", "SampleConfig"])
+@pytest.mark.parametrize("cls", [TrainConfig, SFTConfig, EvalConfig, SampleConfig], ids=lambda c: c.__name__)
 def test_a_size_has_one_spelling_once_parsed(cls, tmp_path):
     """--size 832x480 and a YAML 832 X 480 become 832*480 when the config is read, so a resume, an eval's
     --compare_to and the model card all see one spelling; a size that is not W*H is a one-line error there."""
-    import argparse
-
-    from wan_grpo.config import build_config
-    from wan_grpo.errors import UserError
-
-    kind = {"TrainConfig": "wan_grpo.grpo.config", "SFTConfig": "wan_grpo.sft.config",
-            "EvalConfig": "wan_grpo.evaluate", "SampleConfig": "wan_grpo.config"}[cls]
-    cls = getattr(__import__(kind, fromlist=[cls]), cls)
     assert build_config(cls, argparse.Namespace(size="832x480")).size == "832*480"
     (tmp_path / "c.yaml").write_text("size: 832 X 480\n")
     assert build_config(cls, argparse.Namespace(), config_file=str(tmp_path / "c.yaml")).size == "832*480"
