@@ -239,13 +239,17 @@ def test_resume_hint_gives_back_saved_values_a_shell_can_take():
 @pytest.mark.parametrize("cls", [TrainConfig, SFTConfig, EvalConfig, SampleConfig], ids=lambda c: c.__name__)
 def test_a_size_has_one_spelling_once_parsed(cls, tmp_path):
     """--size 832x480 and a YAML 832 X 480 become 832*480 when the config is read, so a resume, an eval's
-    --compare_to and the model card all see one spelling; a size that is not W*H is a one-line error there."""
+    --compare_to and the model card all see one spelling; a size that is not W*H, or has a side that is not
+    positive, is a one-line error there, before any model loads."""
     assert build_config(cls, argparse.Namespace(size="832x480")).size == "832*480"
     (tmp_path / "c.yaml").write_text("size: 832 X 480\n")
     assert build_config(cls, argparse.Namespace(), config_file=str(tmp_path / "c.yaml")).size == "832*480"
     assert build_config(cls, argparse.Namespace()).size is None  # unset stays the preset's
     with pytest.raises(UserError, match=r"--size '832' is not W\*H; write it as e\.g\. 832\*480"):
         build_config(cls, argparse.Namespace(size="832"))
+    for bad in ("0x64", "-64*64"):
+        with pytest.raises(UserError, match="has a side that is not positive; write it as e.g. 832"):
+            build_config(cls, argparse.Namespace(size=bad))
 
 
 # ----------------------------------------------------------------------------- 7. small ones

@@ -258,4 +258,6 @@ def parse_size(size: str) -> tuple[int, int]:
         w, h = (int(x) for x in str(size).lower().replace("x", "*").split("*"))
     except ValueError:
         raise UserError(f"--size {size!r} is not W*H; write it as e.g. 832*480") from None
+    if w <= 0 or h <= 0:
+        raise UserError(f"--size {size!r} has a side that is not positive; write it as e.g. 832*480")
     return w, h
