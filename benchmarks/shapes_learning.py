@@ -92,6 +92,9 @@ SETTINGS = {
     # partial credit beside accuracy on level 2: about half of its groups of 8 score all 0 (or all 1) on accuracy
     # and so teach nothing, while their colour, shape and relation checks still differ
     "nft-k6-d2-partial": [*NFT_K6_D2, "--shapes_coefs", "accuracy=1,partial=1"],
+    # nft-k6-d2 without the groups whose rewards are all equal (about half of level 2's): their advantage is 0, so
+    # they only pull the policy back to the old one, and leaving them out shortens each optimizer step
+    "nft-k6-d2-drop": [*NFT_K6_D2, "--drop_zero_std_groups", "true"],
     # nft-k6-d2 with four noise draws per transition: a lower-variance gradient for 2x nft-k6-d2's train time
     "nft-k6-d4": replaced(NFT_K6_D2, nft_noise_draws="4"),
     # graded shape beside accuracy: a square no sample passes still has a fill to climb
