@@ -120,7 +120,7 @@ def estimate(cfg: PlanConfig) -> dict:
     targets = lora_targets(cfg.lora_target_modules)
     ts, hs, ws = ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (1, 8, 8)
     patch = config.get("patch_size", (1, 2, 2))
-    if width < 1 or height < 1 or width % (ws * patch[2]) or height % (hs * patch[1]):
+    if width % (ws * patch[2]) or height % (hs * patch[1]):  # parse_size already refused sides below 1
         raise UserError(f"--size {width}*{height} is not divisible by the VAE stride times patch size "
                         f"({ws * patch[2]}*{hs * patch[1]}); use e.g. {preset.size}")
     if (frames - 1) % ts:
