@@ -11,6 +11,7 @@ negative prompt; the level-1 training prompts of each shape, ``--renders`` clips
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,10 @@ import torch
 from _common import parser
 from diffusers import WanPipeline
 
+from wan_grpo.models.denoiser import expert_for_timestep
 from wan_grpo.models.loading import text_length
+from wan_grpo.models.vae import decode_latents, encode_videos
+from wan_grpo.specs import PRESETS
 from wan_grpo.tasks.shapes import BASE_DIR
 from wan_grpo.tasks.shapes.splits import load_split
 from wan_grpo.tasks.shapes.verifier import score_video
@@ -26,34 +30,28 @@ from wan_grpo.tasks.shapes.world import parse, render
 
 
 @torch.no_grad()
-def sdedit_scores(pipe: WanPipeline, prompt: str, *, starts: list[int], guidance: tuple[float, float], renders: int,
-                  steps: int, text_len: int) -> dict[int, list[dict]]:
-    """start index -> the verifier's scores of the ``renders`` clips of ``prompt`` denoised from that level."""
-    vae, scheduler, boundary = pipe.vae, pipe.scheduler, pipe.config.boundary_ratio
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    scheduler.set_timesteps(steps)
-    sigmas = scheduler.sigmas.tolist()
-    embed = lambda text: pipe.encode_prompt(text, do_classifier_free_guidance=False,  # noqa: E731
-                                            max_sequence_length=text_len, device="cpu")[0]
-    cond, uncond, scene = embed(prompt), embed(""), parse(prompt)
+def sdedit_scores(pipe: WanPipeline, prompt: str, *, sigmas: list[float], uncond: torch.Tensor, starts: list[int],
+                  guidance: tuple[float, float], renders: int, text_len: int) -> dict[int, list[dict]]:
+    """start index -> the verifier's scores of the ``renders`` clips of ``prompt`` denoised from ``sigmas[start]``
+    to 0 (``uncond``: the empty prompt's embedding; ``guidance``: CFG of the high and the low-noise expert)."""
+    experts = (pipe.transformer, pipe.transformer_2)
+    cond = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=text_len,
+                              device="cpu")[0]
+    scene = parse(prompt)
     scores = {start: [] for start in starts}
     for k in range(renders):
-        clip = torch.from_numpy(render(scene, 1000 + k)[None]).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-        clean = (vae.encode(clip).latent_dist.mode() - mean) / std
+        clean = encode_videos(pipe.vae, torch.from_numpy(render(scene, 1000 + k)[None]))
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(k))
         for start in starts:
             z = (1 - sigmas[start]) * clean + sigmas[start] * noise
-            for i in range(start, steps):
-                sigma, scale = sigmas[i], guidance[0] if sigmas[i] >= boundary else guidance[1]
-                model = pipe.transformer if sigma >= boundary else pipe.transformer_2
+            for sigma, next_sigma in zip(sigmas[start:-1], sigmas[start + 1:]):
                 t = torch.tensor([sigma * 1000.0])
+                expert = expert_for_timestep(t, boundary_ratio=pipe.config.boundary_ratio)
+                model = experts[expert]
                 v_c = model(hidden_states=z, timestep=t, encoder_hidden_states=cond, return_dict=False)[0]
                 v_u = model(hidden_states=z, timestep=t, encoder_hidden_states=uncond, return_dict=False)[0]
-                z = z + (sigmas[i + 1] - sigma) * (v_u + scale * (v_c - v_u))
-            video = vae.decode(z * std + mean).sample.clamp(-1, 1)
-            frames = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().byte().numpy()
-            scores[start].append(score_video(frames, scene))
+                z = z + (next_sigma - sigma) * (v_u + guidance[expert] * (v_c - v_u))
+            scores[start].append(score_video(decode_latents(pipe.vae, z)[0].numpy(), scene))
     return scores
 
 
@@ -62,7 +60,8 @@ def main():
     p.add_argument("--ckpt_dir", default=str(BASE_DIR))
     p.add_argument("--shapes", default="circle,square,triangle")
     p.add_argument("--guidance", default="4/4", help="CFG of the high / low-noise expert (the preset: 4/4)")
-    p.add_argument("--starts", default="0,3,5,7,9", help="indices into the 10 levels 1.0 ... 0.009 (then 0)")
+    p.add_argument("--starts", default="0,3,5,7,9", help="indices into the preset's 10 levels 1.0 ... 0.009 "
+                                                         "(then 0)")
     p.add_argument("--prompts", type=int, default=6, help="level-1 training prompts per shape")
     p.add_argument("--renders", type=int, default=2, help="clips per prompt")
     args = p.parse_args()
@@ -70,14 +69,28 @@ def main():
         args.shapes, args.starts, args.prompts, args.renders = "square", "0,9", 1, 1
     elif args.record:
         p.error("--record: this probe prints its table only; its numbers are in docs/benchmarks.md by hand")
+    steps = PRESETS["shapes"].sampling_steps
+    try:
+        guidance = tuple(float(g) for g in args.guidance.split("/"))
+        starts = [int(s) for s in args.starts.split(",")]
+    except ValueError:
+        p.error(f"--guidance {args.guidance!r} --starts {args.starts!r}: write e.g. --guidance 4/1 --starts 0,5,9")
+    if len(guidance) != 2 or not all(math.isfinite(g) and g >= 0 for g in guidance):
+        p.error(f"--guidance {args.guidance!r}: two scales >= 0, high/low, e.g. 4/1")
+    if not all(0 <= s < steps for s in starts):
+        p.error(f"--starts {args.starts!r}: indices 0 to {steps - 1} of the preset's {steps} levels")
+    if args.prompts < 1 or args.renders < 1:
+        p.error("--prompts and --renders must be >= 1")
+    if not (Path(args.ckpt_dir) / "model_index.json").is_file():
+        p.error(f"--ckpt_dir {args.ckpt_dir}: no model_index.json there; give a diffusers model folder such as the "
+                "Shapes base")
     torch.set_num_threads(2)
-    guidance = tuple(float(g) for g in args.guidance.split("/"))
-    starts = [int(s) for s in args.starts.split(",")]
     pipe = WanPipeline.from_pretrained(args.ckpt_dir)
-    steps = 10
     pipe.scheduler.set_timesteps(steps)
     sigmas = pipe.scheduler.sigmas.tolist()
     text_len = text_length(Path(args.ckpt_dir) / "tokenizer")
+    uncond = pipe.encode_prompt("", do_classifier_free_guidance=False, max_sequence_length=text_len,
+                                device="cpu")[0]
     print(f"guidance {args.guidance} (high/low expert)")
     print("| shape | start level | accuracy | shape score | fill | clips |")
     print("|---|---|---|---|---|---|")
@@ -85,8 +98,8 @@ def main():
         prompts = [q for q in load_split(1, "train") if f" {shape} " in q][:args.prompts]
         pooled = {start: [] for start in starts}
         for prompt in prompts:
-            for start, scores in sdedit_scores(pipe, prompt, starts=starts, guidance=guidance, renders=args.renders,
-                                               steps=steps, text_len=text_len).items():
+            for start, scores in sdedit_scores(pipe, prompt, sigmas=sigmas, uncond=uncond, starts=starts,
+                                               guidance=guidance, renders=args.renders, text_len=text_len).items():
                 pooled[start] += scores
         for start in sorted(starts, reverse=True):
             s = pooled[start]
