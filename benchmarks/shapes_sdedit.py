@@ -26,7 +26,7 @@ from wan_grpo.specs import PRESETS
 from wan_grpo.tasks.shapes import BASE_DIR
 from wan_grpo.tasks.shapes.splits import load_split
 from wan_grpo.tasks.shapes.verifier import score_video
-from wan_grpo.tasks.shapes.world import parse, render
+from wan_grpo.tasks.shapes.world import SHAPES, parse, render
 
 
 @torch.no_grad()
@@ -79,6 +79,9 @@ def main():
         p.error(f"--guidance {args.guidance!r}: two scales >= 0, high/low, e.g. 4/1")
     if not all(0 <= s < steps for s in starts):
         p.error(f"--starts {args.starts!r}: indices 0 to {steps - 1} of the preset's {steps} levels")
+    shapes = args.shapes.split(",")
+    if not shapes or any(shape not in SHAPES for shape in shapes):
+        p.error(f"--shapes {args.shapes!r}: a comma-separated list of {', '.join(SHAPES)}")
     if args.prompts < 1 or args.renders < 1:
         p.error("--prompts and --renders must be >= 1")
     if not (Path(args.ckpt_dir) / "model_index.json").is_file():
@@ -94,7 +97,7 @@ def main():
     print(f"guidance {args.guidance} (high/low expert)")
     print("| shape | start level | accuracy | shape score | fill | clips |")
     print("|---|---|---|---|---|---|")
-    for shape in args.shapes.split(","):
+    for shape in shapes:
         prompts = [q for q in load_split(1, "train") if f" {shape} " in q][:args.prompts]
         pooled = {start: [] for start in starts}
         for prompt in prompts:
