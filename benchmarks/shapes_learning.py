@@ -87,6 +87,8 @@ SETTINGS = {
     "nft-k6-d2-kl10": [*NFT_K6_D2, "--kl_coef", "10"],
     # kl10 held everything at the base; kl1 is --task shapes's default (TRAIN_DEFAULTS; tests/test_presets.py)
     "nft-k6-d2-kl1": [*NFT_K6_D2, "--kl_coef", "1"],
+    # the graded shape checks beside accuracy: what --task shapes trains on level-2 prompts (LEVEL2_SHAPES_COEFS)
+    "nft-k6-d2-kl1-shape": [*NFT_K6_D2, "--kl_coef", "1", "--shapes_coefs", "accuracy=1,shape=1,fill=1"],
     # between the two: does level 2 keep more of nft-k6-d2's gain (kl1 gave up about half of it on held-out)?
     "nft-k6-d2-kl0.3": [*NFT_K6_D2, "--kl_coef", "0.3"],
     # partial credit beside accuracy on level 2: about half of its groups of 8 score all 0 (or all 1) on accuracy

@@ -12,7 +12,8 @@ from wan_grpo.config import SampleConfig, add_config_arguments, build_config
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.runtime import load_model
-from wan_grpo.tasks.shapes import TRAIN_DEFAULTS
+from wan_grpo.tasks.shapes import LEVEL2_SHAPES_COEFS, TRAIN_DEFAULTS
+from wan_grpo.tasks.shapes.verifier import DEFAULT_COEFS
 
 
 def _train_config(*argv, config_file=None) -> TrainConfig:
@@ -78,9 +79,34 @@ def test_task_shapes_brings_its_measured_training_setting_below_config_files_and
     assert {k: getattr(demo_cfg, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS and demo_cfg.max_steps == 72
 
 
+def test_task_shapes_trains_level2_prompts_on_graded_shape_and_level1_or_mixed_on_accuracy(tmp_path):
+    """On level-2 prompts alone (the shipped list or a file) the shapes reward's default adds the graded shape
+    checks; level 1, both levels, a flag or config value, GRPO, another reward and a reward server keep what
+    they had, and a prompt file that cannot be read still gets its own one-line error when loaded."""
+    config = _train_config
+    assert config("--task", "shapes", "--prompts", "shapes:2:train").shapes_coefs == LEVEL2_SHAPES_COEFS
+    level2 = tmp_path / "l2.txt"
+    level2.write_text("a red circle above a blue square\na green triangle left of a white circle\n")
+    assert config("--task", "shapes", "--prompts", str(level2)).shapes_coefs == LEVEL2_SHAPES_COEFS
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(level2.read_text() + "a red circle moving left\n")
+    for prompts in ("shapes:1:train", "shapes:train", str(mixed), str(tmp_path / "missing.txt")):
+        assert config("--task", "shapes", "--prompts", prompts).shapes_coefs == DEFAULT_COEFS, prompts
+    assert config("--task", "shapes").shapes_coefs == DEFAULT_COEFS  # the built-in prompts: not Shapes ones
+    for extra in (["--shapes_coefs", "accuracy=1"], ["--algorithm", "grpo"], ["--reward", "brightness"],
+                  ["--reward_url", "http://127.0.0.1:1"]):
+        assert config("--task", "shapes", "--prompts", "shapes:2:train", *extra).shapes_coefs == DEFAULT_COEFS, extra
+    assert config("--task", "shapes", "--prompts", "shapes:2:train", "--reward", "shapes:1,brightness:0.5"
+                  ).shapes_coefs == LEVEL2_SHAPES_COEFS
+    (tmp_path / "c.yaml").write_text("task: shapes\nprompts: shapes:2:val\nshapes_coefs: accuracy=1,partial=1\n")
+    assert config(config_file=str(tmp_path / "c.yaml")).shapes_coefs == "accuracy=1,partial=1"
+    assert config("--prompts", "shapes:2:train").shapes_coefs == DEFAULT_COEFS  # no explicit --task: generic
+
+
 def test_the_shapes_default_is_the_setting_the_learning_benchmark_measured(monkeypatch):
-    """benchmarks/shapes_learning.py's nft-k6-d2-kl1 (its flags on a generic config) is TRAIN_DEFAULTS, so the
-    numbers in docs/benchmarks.md are those of what --task shapes trains."""
+    """benchmarks/shapes_learning.py's nft-k6-d2-kl1 (its flags on a generic config) is TRAIN_DEFAULTS, and its
+    nft-k6-d2-kl1-shape is what --task shapes trains on level-2 prompts, so the numbers in docs/benchmarks.md
+    are those of what --task shapes trains."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import shapes_learning
 
@@ -89,3 +115,7 @@ def test_the_shapes_default_is_the_setting_the_learning_benchmark_measured(monke
     assert {k: getattr(measured, k) for k in TRAIN_DEFAULTS} == TRAIN_DEFAULTS
     training = {f[2:] for f in flags if f.startswith("--")} - {"tensorboard", "log_interval"}  # logging only
     assert training == set(TRAIN_DEFAULTS)  # and nothing the benchmark sets is missing from the defaults
+    graded = _train_config(*shapes_learning.COMMON, *shapes_learning.SETTINGS["nft-k6-d2-kl1-shape"])
+    level2 = _train_config("--task", "shapes", "--prompts", "shapes:2:train")
+    assert {k: getattr(graded, k) for k in [*TRAIN_DEFAULTS, "shapes_coefs"]} == \
+        {k: getattr(level2, k) for k in [*TRAIN_DEFAULTS, "shapes_coefs"]}

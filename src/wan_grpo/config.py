@@ -82,7 +82,8 @@ class ModelConfig:
                                  "Shapes model, shipped; make shapes-base rebuilds it; given explicitly, train then "
                                  "defaults to its measured setting: nft on both experts, full fine-tuning, lr 1e-4, "
                                  "6 optimizer steps per rollout of 8 prompts x 8 videos with 2 noise draws each, "
-                                 "a KL to the base at weight 1), t2v-A14B, i2v-A14B or "
+                                 "a KL to the base at weight 1, and on level-2 prompts alone the reward "
+                                 "accuracy=1,shape=1,fill=1), t2v-A14B, i2v-A14B or "
                                  "ti2v-5B. "
                                  "Default: tiny "
                                  "without --ckpt_dir, else inferred from the checkpoint.", choices=TASKS)
