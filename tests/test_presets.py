@@ -98,6 +98,8 @@ def test_task_shapes_trains_level2_prompts_on_graded_shape_and_level1_or_mixed_o
         assert config("--task", "shapes", "--prompts", "shapes:2:train", *extra).shapes_coefs == DEFAULT_COEFS, extra
     assert config("--task", "shapes", "--prompts", "shapes:2:train", "--reward", "shapes:1,brightness:0.5"
                   ).shapes_coefs == LEVEL2_SHAPES_COEFS
+    # an empty --reward means the task's reward to the trainer (shapes), so here too
+    assert config("--task", "shapes", "--prompts", "shapes:2:train", "--reward", "").shapes_coefs == LEVEL2_SHAPES_COEFS
     (tmp_path / "c.yaml").write_text("task: shapes\nprompts: shapes:2:val\nshapes_coefs: accuracy=1,partial=1\n")
     assert config(config_file=str(tmp_path / "c.yaml")).shapes_coefs == "accuracy=1,partial=1"
     assert config("--prompts", "shapes:2:train").shapes_coefs == DEFAULT_COEFS  # no explicit --task: generic

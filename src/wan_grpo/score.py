@@ -13,7 +13,7 @@ import torch
 
 from wan_grpo.config import opt
 from wan_grpo.errors import UserError
-from wan_grpo.rewards import build_rewards, parse_reward_spec
+from wan_grpo.rewards import build_rewards, reward_names
 from wan_grpo.rewards.config import StandaloneRewardConfig
 from wan_grpo.runtime import resolve_device
 from wan_grpo.video import frame_count, mp4_files, read_video, video_caption_pairs
@@ -71,7 +71,7 @@ def run_score(cfg: ScoreConfig) -> list[dict]:
     out = None if cfg.video else Path(cfg.output) if cfg.output else Path(cfg.videos) / "scores.csv"
     if out is not None and out.is_dir():
         raise UserError(f"--output {out} is a folder; name the CSV file to write")
-    if "videoalign" in [name for name, _ in parse_reward_spec(cfg.reward or "videoalign")]:
+    if "videoalign" in reward_names(cfg.reward, default="videoalign"):
         for path, _ in pairs:  # before the reward model loads
             try:
                 frames = frame_count(path)

@@ -110,6 +110,11 @@ class RewardSet:
         return sum(self.coefs[k] * components[k] for k in self.weighted)
 
 
+def reward_names(reward: str | None, *, default: str) -> list[str]:
+    """The reward names a run scores with: --reward's, or the task's ``default`` when it is unset."""
+    return [name for name, _ in parse_reward_spec(reward or default)]
+
+
 def check_reward_flags(cfg, *, default: str) -> None:
     """The reward flags' one-line errors, cheap enough to raise before any model loads (``default``: the
     task's reward when --reward is unset)."""
@@ -117,13 +122,12 @@ def check_reward_flags(cfg, *, default: str) -> None:
         if cfg.reward_url:
             raise UserError("--shapes_coefs: with --reward_url the server's coefficients apply; give it to "
                             "'wan-grpo reward-server' instead")
-        if "shapes" not in [name for name, _ in parse_reward_spec(cfg.reward or default)]:
+        if "shapes" not in reward_names(cfg.reward, default=default):
             raise UserError("--shapes_coefs weighs the shapes reward's components; add --reward shapes or drop it")
         parse_coefs(cfg.shapes_coefs)
     if cfg.reward_url:
         return
-    names = [name for name, _ in parse_reward_spec(cfg.reward or default)]
-    if "videoalign" in names and not (cfg.vq_coef or cfg.mq_coef or cfg.ta_coef):
+    if "videoalign" in reward_names(cfg.reward, default=default) and not (cfg.vq_coef or cfg.mq_coef or cfg.ta_coef):
         raise UserError("--vq_coef, --mq_coef and --ta_coef are all 0; give VideoAlign a non-zero one")
 
 

@@ -38,14 +38,15 @@ def train_defaults(given: dict) -> dict:
 
 
 def _trains_shapes(given: dict) -> bool:
-    """Whether the in-process shapes reward is trained (the task's default reward, or named in --reward)."""
+    """Whether the in-process shapes reward is trained, as the trainer decides it (--reward, else the task's)."""
     from wan_grpo.errors import UserError
-    from wan_grpo.rewards import parse_reward_spec
+    from wan_grpo.rewards import reward_names
+    from wan_grpo.specs import default_reward
 
     if given.get("reward_url"):
         return False
     try:
-        return given.get("reward") is None or "shapes" in [n for n, _ in parse_reward_spec(given["reward"])]
+        return "shapes" in reward_names(given.get("reward"), default=default_reward("shapes"))
     except UserError:  # refused later, with its own message
         return False
 
