@@ -203,6 +203,64 @@ def test_fill_grades_shape_where_the_shape_check_is_all_or_nothing():
     assert ShapesReward("fill=1").coefs["fill"] == 1
 
 
+def test_label_pixels_is_the_nearest_palette_colour_within_the_distance():
+    from wan_grpo.tasks.shapes.verifier import MAX_DISTANCE, PALETTE, label_pixels
+
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (FRAMES, SIZE, SIZE, 3), dtype=np.uint8)
+    video[0, 0, :2] = [(120, 30, 30), (121, 30, 30)]  # the background grey, 90 and 91 away: in, then out
+    dist = np.sqrt(((video.astype(np.float64)[..., None, :] - PALETTE) ** 2).sum(-1))  # float64 reference
+    expected = np.where(dist.min(-1) > MAX_DISTANCE, -1, dist.argmin(-1))
+    labels = label_pixels(video)
+    assert (labels == expected).all()
+    assert labels[0, 0, :2].tolist() == [0, -1]
+    assert len(set(labels.ravel().tolist())) == len(PALETTE) + 1  # every colour and "none" occur
+
+
+def _largest_region_by_search(mask):
+    """Reference: breadth-first search from each unseen pixel in raster order; the first largest region."""
+    from collections import deque
+
+    seen, best = np.zeros_like(mask), []
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        seen[start], region, queue = True, [], deque([start])
+        while queue:
+            y, x = queue.popleft()
+            region.append((y, x))
+            for n in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= n[0] < mask.shape[0] and 0 <= n[1] < mask.shape[1] and mask[n] and not seen[n]:
+                    seen[n] = True
+                    queue.append(n)
+        if len(region) > len(best):
+            best = region
+    return best
+
+
+def test_largest_blob_is_the_first_largest_four_connected_region():
+    from wan_grpo.tasks.shapes.verifier import MIN_AREA, largest_blob
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random((SIZE, SIZE)) < p for p in (0.3, 0.5, 0.6, 0.7) for _ in range(5)]
+    tie = np.zeros((SIZE, SIZE), dtype=bool)
+    tie[40:46, 40:46] = tie[2:8, 50:56] = True  # two 36-pixel squares: the upper one is first in raster order
+    diagonal = np.zeros((SIZE, SIZE), dtype=bool)
+    diagonal[10:16, 10:16] = diagonal[16:21, 16:21] = True  # touching only at a corner: two regions, 36 and 25
+    for mask in [*masks, tie, diagonal]:
+        ref, blob = _largest_region_by_search(mask), largest_blob(mask)
+        if len(ref) < MIN_AREA:
+            assert blob is None
+            continue
+        ys, xs = np.array(ref).T
+        assert (blob.area, blob.top, blob.left, blob.bottom, blob.right) == (
+            len(ref), ys.min(), xs.min(), ys.max(), xs.max())
+        assert (blob.cy, blob.cx) == (ys.mean(), xs.mean())
+    assert largest_blob(tie).top == 2
+    assert largest_blob(diagonal).area == 36
+    assert largest_blob(np.zeros((SIZE, SIZE), dtype=bool)) is None
+
+
 def test_clean_is_one_on_renders_and_falls_with_stray_pixels():
     """``clean`` (logged, never trained): the quality proxy for over-optimisation checks."""
     rng = np.random.default_rng(0)

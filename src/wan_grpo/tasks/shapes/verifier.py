@@ -31,11 +31,11 @@ is NaN: it is logged as a mean over the prompts it applies to and never enters t
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from wan_grpo.errors import UserError
 from wan_grpo.tasks.shapes.world import BACKGROUND, COLOURS, Scene, parse
@@ -85,40 +85,34 @@ def fill_score(blob: Blob | None, shape: str) -> float:
 
 
 def label_pixels(video: np.ndarray) -> np.ndarray:
-    """(F, H, W, 3) uint8 -> (F, H, W) int8: palette index of each pixel, -1 when none is close."""
-    x = video.astype(np.float32)[..., None, :]  # (F, H, W, 1, 3)
-    dist = np.sqrt(((x - PALETTE) ** 2).sum(-1))  # (F, H, W, P)
-    labels = dist.argmin(-1).astype(np.int8)
-    labels[dist.min(-1) > MAX_DISTANCE] = -1
+    """(F, H, W, 3) uint8 -> (F, H, W) int8: palette index of each pixel (the first of equally near ones),
+    -1 when none is within MAX_DISTANCE. Squared distances in integers: exact, so the same as float distances."""
+    r, g, b = video.astype(np.int32).transpose(3, 0, 1, 2)
+    nearest = np.full(video.shape[:3], np.iinfo(np.int32).max, dtype=np.int32)
+    labels = np.zeros(video.shape[:3], dtype=np.int8)
+    for i, (pr, pg, pb) in enumerate(PALETTE.astype(np.int32)):
+        d2 = (r - pr) ** 2 + (g - pg) ** 2 + (b - pb) ** 2
+        closer = d2 < nearest
+        nearest[closer] = d2[closer]
+        labels[closer] = i
+    labels[nearest > MAX_DISTANCE**2] = -1
     return labels
 
 
 def largest_blob(mask: np.ndarray) -> Blob | None:
-    """The largest 4-connected region of a (H, W) bool mask, if it has at least MIN_AREA pixels."""
+    """The largest 4-connected region of a (H, W) bool mask, if it has at least MIN_AREA pixels; of equal
+    ones, the first in raster order."""
     if mask.sum() < MIN_AREA:
         return None
-    seen = np.zeros_like(mask)
-    best: list[tuple[int, int]] = []
-    h, w = mask.shape
-    for y0, x0 in zip(*np.nonzero(mask)):
-        if seen[y0, x0]:
-            continue
-        seen[y0, x0] = True
-        region, queue = [], deque([(y0, x0)])
-        while queue:
-            y, x = queue.popleft()
-            region.append((y, x))
-            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
-                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
-                    seen[ny, nx] = True
-                    queue.append((ny, nx))
-        if len(region) > len(best):
-            best = region
-    if len(best) < MIN_AREA:
+    regions, _ = ndimage.label(mask)  # 4-connected; numbered in raster order of each region's first pixel
+    sizes = np.bincount(regions.ravel())
+    sizes[0] = 0  # not a region: the mask's False pixels
+    best = int(sizes.argmax())  # the first of equal sizes
+    if sizes[best] < MIN_AREA:
         return None
-    ys, xs = np.array(best).T
-    return Blob(area=len(best), top=int(ys.min()), left=int(xs.min()), bottom=int(ys.max()), right=int(xs.max()),
-                cy=float(ys.mean()), cx=float(xs.mean()))
+    ys, xs = np.nonzero(regions == best)
+    return Blob(area=int(sizes[best]), top=int(ys.min()), left=int(xs.min()), bottom=int(ys.max()),
+                right=int(xs.max()), cy=float(ys.mean()), cx=float(xs.mean()))
 
 
 def _relation_holds(rel: str, a: Blob, b: Blob) -> bool:
