@@ -2,6 +2,7 @@
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -55,11 +56,61 @@ def test_flow_matching_loss_against_a_float64_hand_computation():
     assert flow_matching_loss(noise - x0, x0, noise).abs().max() == 0  # the exact velocity costs nothing
 
 
-def test_loss_falls_on_shapes(tmp_path):
-    _, rows = sft(tmp_path, "fall", *SHAPES, "--max_steps", "30", "--lora_rank", "0", "--learning_rate", "2e-3")
+def test_weighted_flow_matching_loss_against_a_float64_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    v, x0, noise = (torch.randn(2, 3, 2, 2, 2, generator=g) for _ in range(3))
+    w = torch.rand(2, 2, 2, 2, generator=g) + 0.1  # (B, F', H', W'): one weight per latent position
+    err = (v.double() - (noise - x0).double()) ** 2  # (B, C, F', H', W')
+    want = [float((err[b].mean(0) * w[b].double()).sum() / w[b].double().sum()) for b in range(2)]
+    assert flow_matching_loss(v, x0, noise, w).tolist() == pytest.approx(want, rel=1e-6)
+    ones = torch.ones(2, 2, 2, 2)
+    assert flow_matching_loss(v, x0, noise, ones).tolist() == pytest.approx(flow_matching_loss(v, x0, noise).tolist())
+
+
+def test_edge_weights_against_a_float64_loop_and_on_a_rendered_square():
+    from wan_grpo.sft.loss import edge_weights
+    from wan_grpo.tasks.shapes.world import parse, render
+
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, size=(1, 5, 4, 4, 3), dtype=np.uint8)  # 5 frames -> 1 + 4/2 latent frames
+    x = video[0].astype(np.float64).mean(-1) / 255
+    e = np.zeros((5, 2, 2))
+    for f in range(5):
+        for i in range(4):
+            for j in range(4):
+                dx = abs(x[f, i, j + 1] - x[f, i, j]) if j < 3 else 0
+                dy = abs(x[f, i + 1, j] - x[f, i, j]) if i < 3 else 0
+                e[f, i // 2, j // 2] += (dx + dy) / 4
+    e = np.stack([e[0], e[1:3].mean(0), e[3:5].mean(0)])
+    want = 1 + 0.5 * e / e.mean()
+    got = edge_weights(torch.from_numpy(video), time_stride=2, space_stride=2, strength=0.5)
+    assert got.shape == (1, 3, 2, 2) and np.allclose(got[0].double().numpy(), want, rtol=1e-5)
+
+    flat = np.full((1, 9, 64, 64, 3), 30, dtype=np.uint8)
+    assert torch.equal(edge_weights(torch.from_numpy(flat), time_stride=4, space_stride=8, strength=2.0),
+                       torch.ones(1, 3, 8, 8))
+    square = render(parse("a red square moving left"), 1)[None]
+    w = edge_weights(torch.from_numpy(square), time_stride=4, space_stride=8, strength=1.0)[0]
+    assert w.mean() == pytest.approx(2.0)
+    # the outline's cells weigh more; the background and the square's flat inside weigh 1
+    assert (w > 1).sum() < 0.2 * w.numel() and w.max() > 5 and (w == 1).sum() > 0.8 * w.numel()
+
+
+@pytest.mark.parametrize("edge_weight", ["0", "1"])
+def test_loss_falls_on_shapes(tmp_path, edge_weight):
+    _, rows = sft(tmp_path, "fall", *SHAPES, "--max_steps", "30", "--lora_rank", "0", "--learning_rate", "2e-3",
+                  "--edge_weight", edge_weight)
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.85 * first, (first, last)
     assert all(r["samples_high"] + r["samples_low"] == 8 for r in rows)
+
+
+def test_edge_weight_changes_the_loss_and_nothing_else(tmp_path):
+    _, plain = sft(tmp_path, "plain", *SHAPES, "--max_steps", "1", "--lora_rank", "0")
+    _, edges = sft(tmp_path, "edges", *SHAPES, "--max_steps", "1", "--lora_rank", "0", "--edge_weight", "1")
+    assert edges[0]["loss"] != pytest.approx(plain[0]["loss"], rel=1e-3)
+    same = ("samples_high", "samples_low", "lr_high", "lr_low")
+    assert [edges[0][k] for k in same] == [plain[0][k] for k in same]
 
 
 @pytest.mark.parametrize("lo,hi,moved", [(0.9, 1.0, "transformer"), (0.0, 0.8, "transformer_2")])

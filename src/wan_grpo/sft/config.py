@@ -25,6 +25,10 @@ class SFTConfig(PolicyConfig):
                                  ge=1)
     caption_dropout: float = opt(0.1, "Fraction of samples trained with the negative (empty) prompt, so the model "
                                       "also learns the unconditional velocity that CFG needs.", ge=0, le=1)
+    edge_weight: float = opt(0.0, "Extra weight in the loss for the latent positions that encode edges: each "
+                                  "position's squared error counts 1 + W * e / mean(e), e the mean pixel-gradient "
+                                  "magnitude of the pixels and frames it encodes. 0 weighs every position alike.",
+                             ge=0)
     high_noise_share: float | None = opt(None, "Share of each batch whose noise level is drawn in the high-noise "
                                                "expert's range (t >= boundary), the shifted density kept within "
                                                "each range; two-expert models with both experts trained. Default: "

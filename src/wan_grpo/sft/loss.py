@@ -39,9 +39,35 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tens
     return (1 - t) * x0 + t * noise
 
 
-def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """(B,) mean over latent elements of ||v - (noise - x0)||^2."""
-    return ((velocity.float() - (noise - x0).float()) ** 2).flatten(1).mean(dim=1)
+def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) mean over latent elements of ||v - (noise - x0)||^2; with ``weight`` (B, F', H', W'), the
+    weighted mean over latent positions of the channels' mean squared error."""
+    err = (velocity.float() - (noise - x0).float()) ** 2
+    if weight is None:
+        return err.flatten(1).mean(dim=1)
+    weight = weight.to(err.device, torch.float32)
+    return (err.mean(dim=1) * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1)
+
+
+def edge_weights(videos: torch.Tensor, *, time_stride: int, space_stride: int, strength: float) -> torch.Tensor:
+    """(N, F', H', W') loss weights of latent positions, 1 + strength * e / mean(e), where e is the mean
+    pixel-gradient magnitude (|dx| + |dy| of the RGB mean, in [0, 2]) over the pixels and frames a
+    position encodes: the first frame alone, then groups of ``time_stride`` (Wan's causal VAEs), and
+    ``space_stride`` squared pixels. ``videos``: (N, F, H, W, 3) uint8. The weights' mean over a video
+    is 1 + strength (1 on a flat video): edges, where a small model blurs what it draws (corners,
+    outlines), count more than flat areas."""
+    x = videos.float().mean(dim=-1) / 255  # (N, F, H, W)
+    dx = torch.nn.functional.pad((x[..., :, 1:] - x[..., :, :-1]).abs(), (0, 1))
+    dy = torch.nn.functional.pad((x[..., 1:, :] - x[..., :-1, :]).abs(), (0, 0, 0, 1))
+    e = torch.nn.functional.avg_pool2d(dx + dy, space_stride)  # (N, F, H', W'): frames as channels
+    if time_stride > 1:
+        n, f = e.shape[:2]
+        if (f - 1) % time_stride:
+            raise ValueError(f"{f} frames do not fill latent frames of {time_stride} after the first")
+        e = torch.cat([e[:, :1], e[:, 1:].reshape(n, (f - 1) // time_stride, time_stride, *e.shape[2:]).mean(2)], 1)
+    mean = e.flatten(1).mean(dim=1).view(-1, 1, 1, 1)
+    return 1 + strength * torch.where(mean > 0, e / mean.clamp_min(1e-12), torch.zeros_like(e))
 
 
 def expert_balanced_timesteps(generators: list[torch.Generator], *, shift: float, boundary: float,

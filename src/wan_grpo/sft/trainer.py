@@ -17,6 +17,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -46,7 +47,7 @@ from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, reso
 from wan_grpo.seeding import TRAIN_NOISE, sample_seed, seed_everything, stream
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.data import load_dataset
-from wan_grpo.sft.loss import expert_balanced_timesteps, flow_matching_loss, noised, sample_timesteps
+from wan_grpo.sft.loss import edge_weights, expert_balanced_timesteps, flow_matching_loss, noised, sample_timesteps
 from wan_grpo.specs import Expert
 
 log = logging.getLogger("wan_grpo")
@@ -105,6 +106,12 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     latents = encode_videos(components.vae, torch.from_numpy(videos))  # once: (N, z, F', H', W')
     log.info("encoded %d videos to latents %s in %.1fs", len(latents), tuple(latents.shape[1:]),
              time.perf_counter() - t0)
+    weights = None
+    if cfg.edge_weight > 0:
+        vae = components.vae.config
+        weights = torch.cat([edge_weights(torch.from_numpy(chunk), time_stride=vae.scale_factor_temporal,
+                                          space_stride=vae.scale_factor_spatial, strength=cfg.edge_weight)
+                             for chunk in np.array_split(videos, max(1, len(videos) // 256))])
     del videos
     order = PromptOrder(list(range(len(latents))), batch_size=cfg.batch_size, seed=cfg.seed)
     if cfg.num_epochs is None:
@@ -144,7 +151,8 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
             t_start = time.perf_counter()
             picked = order.batch_indices(step)
             row = sft_step(denoiser, policy, latents[picked], [prompts[i] for i in picked], cache, neg, cfg=cfg,
-                           step=step, lo=lo, hi=hi, device=device)
+                           step=step, lo=lo, hi=hi, device=device,
+                           weight=None if weights is None else weights[picked])
             row = {"step": step + 1, "epoch": order.epoch_of(step), **row,
                    "step_seconds": time.perf_counter() - t_start}
             metrics.write(row)
@@ -169,8 +177,9 @@ def _state(cfg, steps_done: int, captions: list[str]) -> dict:
 
 
 def sft_step(denoiser, policy, x0: torch.Tensor, captions: list[str], cache, neg: torch.Tensor, *, cfg, step: int,
-             lo: float, hi: float, device) -> dict:
-    """One optimizer step on a batch of clean latents ``x0`` (B, z, F', H', W'); returns its metrics."""
+             lo: float, hi: float, device, weight: torch.Tensor | None = None) -> dict:
+    """One optimizer step on a batch of clean latents ``x0`` (B, z, F', H', W'), its positions weighted
+    by ``weight`` (B, F', H', W') if given; returns its metrics."""
     gens = [stream(sample_seed(cfg.seed, step, j), TRAIN_NOISE) for j in range(len(x0))]
     if cfg.high_noise_share is None:
         t = sample_timesteps(gens, shift=cfg.sample_shift, lo=lo, hi=hi)  # (B,)
@@ -197,7 +206,8 @@ def sft_step(denoiser, policy, x0: torch.Tensor, captions: list[str], cache, neg
         for chunk in rows.split(cfg.train_batch_size):
             v = denoiser.predict_velocity(x_t[chunk].to(device), timesteps[chunk].to(device), cond[chunk], None,
                                           expert=e)
-            per_sample = flow_matching_loss(v, x0[chunk].to(device), noise[chunk].to(device))
+            per_sample = flow_matching_loss(v, x0[chunk].to(device), noise[chunk].to(device),
+                                            None if weight is None else weight[chunk])
             loss = per_sample.sum() / len(rows)
             loss.backward()
             total += float(loss.detach())

@@ -373,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=DIT_CONFIG["num_attention_heads"],
                         help="The experts' attention heads, 32 channels each; the feed-forward is 4x that width "
                              f"(default {DIT_CONFIG['num_attention_heads']}: 128 wide).")
+    parser.add_argument("--edge_weight", type=float, default=0.0, metavar="W",
+                        help="sft --edge_weight of every stage: extra loss weight on the latent positions that "
+                             "encode edges (default 0: all alike).")
     parser.add_argument("--vae_check_videos", type=int, default=32,
                         help="Held-out renders per level whose VAE round trips the build card scores.")
     args = parser.parse_args(argv)
@@ -442,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                           train_experts=stage.experts, learning_rate=stage.lr, weight_decay=0.0,
                           warmup_steps=100 if i == 0 else 50, lr_schedule="cosine", max_steps=stage.steps,
                           batch_size=32, train_batch_size=32, videos_per_prompt=stage.videos_per_prompt,
-                          caption_dropout=0.1, save_dir=str(sft_dir), tensorboard=False, log_interval=100,
-                          seed=SEED + i))
+                          caption_dropout=0.1, edge_weight=args.edge_weight, save_dir=str(sft_dir),
+                          tensorboard=False, log_interval=100, seed=SEED + i))
         for name in stage.experts.split(","):
             final[Expert[name.upper()]] = sft_dir / f"checkpoint-{stage.steps}"
         current = work / f"stage-{i}"
@@ -452,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     _assemble(init, final, assembled)
     # with --vae_from, build_seconds leaves out the VAE's training
     card = {"vae_round_trip": vae_report, "vae": vae_shape, "patch": args.patch, "heads": args.heads,
+            **({"edge_weight": args.edge_weight} if args.edge_weight else {}),
             "stages": [stage.label() for stage in stages], "build_seconds": round(time.perf_counter() - t0),
             **recipe}
     (assembled / "build.json").write_text(json.dumps(card, indent=2) + "\n")
