@@ -6,6 +6,7 @@ map latents perturbed by N(0, (s * channel std)^2), s ~ U(0, --max_noise) per cl
 build's crops and loss); the encoder is frozen, so the experts' latents and samples are unchanged. Writes the
 shipped base with the new VAE to --out and prints both VAEs' round trips of held-out renders; compare the
 models with `wan-grpo eval --ckpt_dir <base or --out> --prompts shapes:L:heldout` (same seeds, same latents).
+``--edge_weight W`` adds W times the squared error of the pixels at colour edges (corners, outlines) to the loss.
 """
 
 from __future__ import annotations
@@ -24,9 +25,18 @@ from wan_grpo.tasks.shapes import BASE_DIR
 from wan_grpo.tasks.shapes.build import _crops, _scene_draw, decoded, encoded, reconstruction_report, vae_loss
 
 
+def edge_mask(x: torch.Tensor) -> torch.Tensor:
+    """(B, 1, F, H, W) 1 on the pixels of clips ``x`` (B, 3, F, H, W) within one pixel of a colour edge."""
+    dx = torch.nn.functional.pad((x[..., 1:] - x[..., :-1]).abs().sum(1, keepdim=True), (0, 1))
+    dy = torch.nn.functional.pad((x[..., 1:, :] - x[..., :-1, :]).abs().sum(1, keepdim=True), (0, 0, 0, 1))
+    edges = ((dx + dy) > 0.1).float()
+    return torch.nn.functional.max_pool3d(edges, (1, 3, 3), stride=1, padding=(0, 1, 1))
+
+
 def finetune_decoder(vae: AutoencoderKLWan, *, steps: int, lr: float, max_noise: float, batch: int,
-                     seed: int = 0) -> list[float]:
-    """Train ``vae``'s decoder in place on perturbed latents of Shapes crops; returns the losses."""
+                     seed: int = 0, edge_weight: float = 0.0) -> list[float]:
+    """Train ``vae``'s decoder in place on perturbed latents of Shapes crops; returns the losses. With
+    ``edge_weight``, the squared error of pixels at colour edges (corners, outlines) counts that much more."""
     torch.manual_seed(seed)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     vae.requires_grad_(False)
@@ -44,6 +54,8 @@ def finetune_decoder(vae: AutoencoderKLWan, *, steps: int, lr: float, max_noise:
         s = torch.rand(batch, 1, 1, 1, 1) * max_noise
         out = decoded(vae, mu + s * std * torch.randn_like(mu))
         loss = vae_loss(out, x)
+        if edge_weight:
+            loss = loss + edge_weight * (edge_mask(x) * (out - x) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -60,6 +72,8 @@ def main():
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max_noise", type=float, default=0.5, help="largest perturbation, in channel stds")
     p.add_argument("--batch", type=int, default=8, help="clip crops per step")
+    p.add_argument("--edge_weight", type=float, default=0.0,
+                   help="extra weight of the pixels at colour edges in the loss (0: the build's loss)")
     p.add_argument("--check_videos", type=int, default=32, help="held-out renders per level in the round trips")
     args = p.parse_args()
     if args.smoke:
@@ -76,7 +90,8 @@ def main():
     vae = AutoencoderKLWan.from_pretrained(str(BASE_DIR / "vae")).eval()
     before = reconstruction_report(vae, videos=args.check_videos)
     t0 = time.perf_counter()
-    losses = finetune_decoder(vae, steps=args.steps, lr=args.lr, max_noise=args.max_noise, batch=args.batch)
+    losses = finetune_decoder(vae, steps=args.steps, lr=args.lr, max_noise=args.max_noise, batch=args.batch,
+                              edge_weight=args.edge_weight)
     minutes = (time.perf_counter() - t0) / 60
     after = reconstruction_report(vae.eval(), videos=args.check_videos)
     shutil.rmtree(out, ignore_errors=True)

@@ -12,7 +12,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 @pytest.mark.parametrize("script", ["rollout.py", "train_step.py", "memory.py", "scaling.py", "videoalign.py",
                                     "shapes_learning.py", "shapes_motion.py", "shapes_self_teach.py", "sft_step.py",
-                                    "shapes_robust_decoder.py", "shapes_sdedit.py", "gpu_check.py"])
+                                    "shapes_robust_decoder.py", "shapes_sdedit.py", "shapes_vae_squares.py",
+                                    "gpu_check.py"])
 def test_benchmark_smoke(script):
     docs = BENCH.parent / "docs" / "benchmarks.md"
     before = docs.read_text()
@@ -39,3 +40,16 @@ def test_record_appends_only_when_asked(tmp_path, monkeypatch, capsys):
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\n### Probe (") and "| 1 | 2 |" in text and "Machine: " in text
     assert capsys.readouterr().out.count("| 1 | 2 |") == 3  # printed every time
+
+
+def test_robust_decoder_edge_mask_marks_a_squares_outline(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import torch
+    from shapes_robust_decoder import edge_mask
+
+    x = -torch.ones(1, 3, 2, 16, 16)
+    x[:, 0, :, 4:12, 4:12] = 1  # a red 8 x 8 square on a dark clip
+    mask = edge_mask(x)[0, 0, 0]
+    assert mask.shape == (16, 16) and set(mask.unique().tolist()) == {0.0, 1.0}
+    assert mask[7, 7] == 0 and mask[0, 0] == 0  # the flat inside and the background
+    assert mask[4, 4] == 1 and mask[3, 3] == 1 and mask[11, 8] == 1  # corners and edges, a pixel either side
