@@ -17,7 +17,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -109,9 +108,10 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     weights = None
     if cfg.edge_weight > 0:
         vae = components.vae.config
-        weights = torch.cat([edge_weights(torch.from_numpy(chunk), time_stride=vae.scale_factor_temporal,
-                                          space_stride=vae.scale_factor_spatial, strength=cfg.edge_weight)
-                             for chunk in np.array_split(videos, max(1, len(videos) // 256))])
+        per_chunk = max(1, (64 << 20) // max(1, videos[0].nbytes))  # ~64 MB of frames at a time: real videos are large
+        weights = torch.cat([edge_weights(torch.from_numpy(videos[i:i + per_chunk]), strength=cfg.edge_weight,
+                                          time_stride=vae.scale_factor_temporal, space_stride=vae.scale_factor_spatial)
+                             for i in range(0, len(videos), per_chunk)])
     del videos
     order = PromptOrder(list(range(len(latents))), batch_size=cfg.batch_size, seed=cfg.seed)
     if cfg.num_epochs is None:
