@@ -21,15 +21,14 @@ import torch
 from _common import parser
 from diffusers import AutoencoderKLWan
 
+from wan_grpo.sft.loss import pixel_gradient
 from wan_grpo.tasks.shapes import BASE_DIR
 from wan_grpo.tasks.shapes.build import _crops, _scene_draw, decoded, encoded, reconstruction_report, vae_loss
 
 
 def edge_mask(x: torch.Tensor) -> torch.Tensor:
     """(B, 1, F, H, W) 1 on the pixels of clips ``x`` (B, 3, F, H, W) within one pixel of a colour edge."""
-    dx = torch.nn.functional.pad((x[..., 1:] - x[..., :-1]).abs().sum(1, keepdim=True), (0, 1))
-    dy = torch.nn.functional.pad((x[..., 1:, :] - x[..., :-1, :]).abs().sum(1, keepdim=True), (0, 0, 0, 1))
-    edges = ((dx + dy) > 0.1).float()
+    edges = (pixel_gradient(x).sum(1, keepdim=True) > 0.1).float()
     return torch.nn.functional.max_pool3d(edges, (1, 3, 3), stride=1, padding=(0, 1, 1))
 
 

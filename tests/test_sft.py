@@ -105,6 +105,18 @@ def test_loss_falls_on_shapes(tmp_path, edge_weight):
     assert all(r["samples_high"] + r["samples_low"] == 8 for r in rows)
 
 
+def test_a_frame_count_the_vae_cannot_take_is_a_one_line_error(tmp_path, capsys):
+    data = tmp_path / "videos"
+    for i in range(2):
+        write_mp4(data / f"clip{i}.mp4", np.zeros((6, 64, 64, 3), dtype=np.uint8), fps=8)
+    (data / "captions.txt").write_text("a\nb\n")
+    for edge_weight in ("0", "1"):  # trained silently before, and edge weights need whole latent frames
+        assert main(["sft", *TINY[:4], "--frame_num", "6", "--dataset", str(data), "--edge_weight", edge_weight,
+                     "--save_dir", str(tmp_path / "run"), "--max_steps", "1"]) != 0
+        assert "--frame_num 6 is not 4k+1; use e.g. 5" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+
+
 def test_edge_weight_changes_the_loss_and_nothing_else(tmp_path):
     _, plain = sft(tmp_path, "plain", *SHAPES, "--max_steps", "1", "--lora_rank", "0")
     _, edges = sft(tmp_path, "edges", *SHAPES, "--max_steps", "1", "--lora_rank", "0", "--edge_weight", "1")

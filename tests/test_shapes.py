@@ -436,7 +436,9 @@ def test_a_build_with_other_vae_flags_and_patch_one_experts(tmp_path, capsys):
                       (["--vae_level1_share", "1.5"], "want a share in [0, 1]"),
                       (["--vae_dim_mult", "1,2,4"], "is not four positive widths"),
                       (["--vae_dim_mult", "1,0,4,4"], "is not four positive widths"),
-                      (["--heads", "0"], "--heads 0: want >= 1")):
+                      (["--heads", "0"], "--heads 0: want >= 1"),
+                      (["--edge_weight", "-1"], "--edge_weight -1.0: want a finite number >= 0"),
+                      (["--edge_weight", "nan"], "--edge_weight nan: want a finite number >= 0")):
         with pytest.raises(SystemExit):
             build(["--out", str(out), "--work", str(tmp_path / "bad"), *bad])
         assert says in capsys.readouterr().err and not (tmp_path / "bad").exists()

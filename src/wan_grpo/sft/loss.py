@@ -50,6 +50,14 @@ def flow_matching_loss(velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Te
     return (err.mean(dim=1) * weight).flatten(1).sum(dim=1) / weight.flatten(1).sum(dim=1)
 
 
+def pixel_gradient(x: torch.Tensor) -> torch.Tensor:
+    """|dx| + |dy| of ``x`` over its last two dims (height, width), forward differences, 0 past the last
+    row and column; the same shape as ``x``."""
+    dx = torch.nn.functional.pad((x[..., :, 1:] - x[..., :, :-1]).abs(), (0, 1))
+    dy = torch.nn.functional.pad((x[..., 1:, :] - x[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return dx + dy
+
+
 def edge_weights(videos: torch.Tensor, *, time_stride: int, space_stride: int, strength: float) -> torch.Tensor:
     """(N, F', H', W') loss weights of latent positions, 1 + strength * e / mean(e), where e is the mean
     pixel-gradient magnitude (|dx| + |dy| of the RGB mean, in [0, 2]) over the pixels and frames a
@@ -58,9 +66,7 @@ def edge_weights(videos: torch.Tensor, *, time_stride: int, space_stride: int, s
     is 1 + strength (1 on a flat video): edges, where a small model blurs what it draws (corners,
     outlines), count more than flat areas."""
     x = videos.float().mean(dim=-1) / 255  # (N, F, H, W)
-    dx = torch.nn.functional.pad((x[..., :, 1:] - x[..., :, :-1]).abs(), (0, 1))
-    dy = torch.nn.functional.pad((x[..., 1:, :] - x[..., :-1, :]).abs(), (0, 0, 0, 1))
-    e = torch.nn.functional.avg_pool2d(dx + dy, space_stride)  # (N, F, H', W'): frames as channels
+    e = torch.nn.functional.avg_pool2d(pixel_gradient(x), space_stride)  # (N, F, H', W'): frames as channels
     if time_stride > 1:
         n, f = e.shape[:2]
         if (f - 1) % time_stride:

@@ -43,6 +43,7 @@ from wan_grpo.models.denoiser import MoEDenoiser
 from wan_grpo.models.offload import ExpertPlacement, move_optimizer_state
 from wan_grpo.models.vae import encode_videos
 from wan_grpo.runtime import autocast_dtype, encode_all, load_model, place, resolve_config, with_precision
+from wan_grpo.sampling.rollout import validate_video_size
 from wan_grpo.seeding import TRAIN_NOISE, sample_seed, seed_everything, stream
 from wan_grpo.sft.config import SFTConfig
 from wan_grpo.sft.data import load_dataset
@@ -99,6 +100,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     if resume is not None:
         check_same_prompts(record, prompts, "--dataset", resume)
     components, cfg, device, dtype = load_model(cfg)
+    validate_video_size(components, width=width, height=height, frame_num=cfg.frame_num)
     cache = encode_all(components, sorted(set(prompts)), cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device, offload_experts=cfg.offload_model)
     t0 = time.perf_counter()
@@ -107,10 +109,10 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
              time.perf_counter() - t0)
     weights = None
     if cfg.edge_weight > 0:
-        vae = components.vae.config
         per_chunk = max(1, (64 << 20) // max(1, videos[0].nbytes))  # ~64 MB of frames at a time: real videos are large
         weights = torch.cat([edge_weights(torch.from_numpy(videos[i:i + per_chunk]), strength=cfg.edge_weight,
-                                          time_stride=vae.scale_factor_temporal, space_stride=vae.scale_factor_spatial)
+                                          time_stride=components.vae_scale_factor_temporal,
+                                          space_stride=components.vae_scale_factor_spatial)
                              for i in range(0, len(videos), per_chunk)])
     del videos
     order = PromptOrder(list(range(len(latents))), batch_size=cfg.batch_size, seed=cfg.seed)

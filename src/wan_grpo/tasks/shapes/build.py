@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--vae_level1_share {args.vae_level1_share}: want a share in [0, 1]")
     if args.heads < 1:
         parser.error(f"--heads {args.heads}: want >= 1")
+    if not 0 <= args.edge_weight < float("inf"):  # nan fails too
+        parser.error(f"--edge_weight {args.edge_weight}: want a finite number >= 0")
     if args.vae_check_videos < 1:
         parser.error("--vae_check_videos must be >= 1: the build card averages the VAE's round trips over them")
     try:
