@@ -11,6 +11,7 @@ models with `wan-grpo eval --ckpt_dir <base or --out> --prompts shapes:L:heldout
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -64,6 +65,14 @@ def finetune_decoder(vae: AutoencoderKLWan, *, steps: int, lr: float, max_noise:
     return losses
 
 
+def restamp_card(model_dir: Path, round_trip: dict, finetune: dict) -> None:
+    """The copied build card describes the shipped VAE: give it this decoder's round trips and settings."""
+    card = json.loads((model_dir / "build.json").read_text())
+    card["vae_round_trip"] = round_trip
+    card["decoder_finetune"] = finetune
+    (model_dir / "build.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
 def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--out", help="where the base with the fine-tuned decoder goes (smoke: a temporary folder)")
@@ -97,6 +106,8 @@ def main():
     shutil.copytree(BASE_DIR, out)
     shutil.rmtree(out / "vae")
     vae.save_pretrained(str(out / "vae"))
+    restamp_card(out, after, {"steps": args.steps, "lr": args.lr, "max_noise": args.max_noise, "batch": args.batch,
+                              "edge_weight": args.edge_weight})
     print("| decoder | steps | minutes | loss, first / last 100 | round trips level 1: PSNR, verifier accuracy | "
           "level 2 |")
     print("|---|---|---|---|---|---|")

@@ -53,3 +53,17 @@ def test_robust_decoder_edge_mask_marks_a_squares_outline(monkeypatch):
     assert mask.shape == (16, 16) and set(mask.unique().tolist()) == {0.0, 1.0}
     assert mask[7, 7] == 0 and mask[0, 0] == 0  # the flat inside and the background
     assert mask[4, 4] == 1 and mask[3, 3] == 1 and mask[11, 8] == 1  # corners and edges, a pixel either side
+
+
+def test_robust_decoder_restamps_the_copied_build_card(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import json
+
+    from shapes_robust_decoder import restamp_card
+
+    (tmp_path / "build.json").write_text(json.dumps({"vae_round_trip": {"level1": {"psnr_db": 30.0}}, "patch": 2}))
+    new = {"level1": {"psnr_db": 31.5, "verifier_accuracy": 0.97},
+           "level2": {"psnr_db": 32.0, "verifier_accuracy": 1.0}}
+    restamp_card(tmp_path, new, {"steps": 600, "edge_weight": 8.0})
+    card = json.loads((tmp_path / "build.json").read_text())
+    assert card == {"vae_round_trip": new, "patch": 2, "decoder_finetune": {"steps": 600, "edge_weight": 8.0}}

@@ -135,7 +135,7 @@ def test_reward_components_and_coefficients():
     prompts = ["a red circle moving left", "a green square above a blue triangle"]
     videos = [torch.from_numpy(render(parse(p), 0)) for p in prompts]
     out = reward(videos, prompts, fps=8)
-    assert set(out) == {"colour", "shape", "fill", "motion", "relation", "partial", "accuracy", "clean"}
+    assert set(out) == {"colour", "shape", "fill", "fill_peak", "motion", "relation", "partial", "accuracy", "clean"}
     assert out["accuracy"].tolist() == [1.0, 1.0] and out["partial"].tolist() == [1.0, 1.0]
     assert out["motion"][0] == 1 and torch.isnan(out["motion"][1])  # motion does not apply to level 2
     assert torch.isnan(out["relation"][0]) and out["relation"][1] == 1
@@ -201,6 +201,28 @@ def test_fill_grades_shape_where_the_shape_check_is_all_or_nothing():
     assert [r["shape"] for r in scores] == [0.0, 0.0, 1.0]
     assert 0 < scores[0]["fill"] < scores[1]["fill"] < scores[2]["fill"] == 1.0
     assert ShapesReward("fill=1").coefs["fill"] == 1
+
+
+def test_fill_peak_tells_a_circle_at_its_bands_edge_from_one_at_its_centre():
+    from wan_grpo.tasks.shapes.verifier import FILL_SLACK, RENDERED_FILL, Blob, fill_peak_score, fill_score
+
+    centre = Blob(area=79, top=0, left=0, bottom=9, right=9, cy=4.5, cx=4.5)  # fills 0.79: a rendered circle
+    edge = Blob(area=70, top=0, left=0, bottom=9, right=9, cy=4.5, cx=4.5)  # 0.70: still in the circle band
+    assert fill_score(centre, "circle") == fill_score(edge, "circle") == 1.0  # the band cannot tell them apart
+    assert fill_peak_score(centre, "circle") == pytest.approx(1.0)
+    assert fill_peak_score(edge, "circle") == pytest.approx(1 - (0.79 - 0.70) / FILL_SLACK)
+    assert fill_peak_score(edge, "square") == pytest.approx(1 - (1.0 - 0.70) / FILL_SLACK)
+    assert fill_peak_score(edge, "triangle") == pytest.approx(1 - (0.70 - RENDERED_FILL["triangle"]) / FILL_SLACK)
+    assert fill_peak_score(Blob(area=10, top=0, left=0, bottom=9, right=9, cy=4.5, cx=4.5), "square") == 0.0
+    assert fill_peak_score(None, "circle") == 0.0
+    # the renderer's own videos sit at their shape's peak, within its few per cent of spread in fill
+    for level in (1, 2):
+        for i, scene in enumerate(_sample_scenes(level, 12, seed=9 + level)):
+            assert score_video(render(scene, i), scene)["fill_peak"] > 0.94
+    square = parse("a red square moving left")
+    scores = [score_video(render(parse(f"a red {s} moving left"), 0), square) for s in ("triangle", "circle", "square")]
+    assert 0 < scores[0]["fill_peak"] < scores[1]["fill_peak"] < scores[2]["fill_peak"] == 1.0
+    assert ShapesReward("fill_peak=1").coefs["fill_peak"] == 1
 
 
 def test_label_pixels_is_the_nearest_palette_colour_within_the_distance():
@@ -598,3 +620,12 @@ def test_accuracy_by_attribute_counts_each_object_of_a_level2_video():
     same = by_attribute([{"prompt": "a green circle left of a red circle", "accuracy": 1.0}])
     assert same["shape"] == {"circle": {"accuracy": 1.0, "n": 1}} and same["colour"]["red"]["n"] == 1
     assert by_attribute([{"prompt": "a cat in the snow", "accuracy": 1.0}]) == {}
+
+
+def test_score_video_refuses_frames_that_are_not_uint8_rgb():
+    scene = parse("a red circle moving left")
+    video = render(scene, 0)
+    with pytest.raises(ValueError, match="uint8"):
+        score_video(video.astype(np.float32), scene)  # floats would be truncated to wrong palette distances
+    with pytest.raises(ValueError, match="uint8"):
+        score_video(video[..., :2], scene)

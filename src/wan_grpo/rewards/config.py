@@ -22,7 +22,8 @@ class RewardConfig:
     ta_coef: float = opt(0.0, "VideoAlign text-alignment coefficient.")
     shapes_coefs: str = opt(DEFAULT_SHAPES_COEFS, "Shapes reward: trained components as NAME=WEIGHT,... over "
                                                   "accuracy, partial (mean of the colour, shape and motion or "
-                                                  "relation checks), colour, shape, fill (graded shape), clean; "
+                                                  "relation checks), colour, shape, fill (graded shape), "
+                                                  "fill_peak (graded shape, peaked at the rendered fill), clean; "
                                                   "each is normalised in its group, then weighted.")
     reward_raw: bool = opt(False, "VideoAlign: raw VQ/MQ/TA instead of normalised by the checkpoint's "
                                   "inference_config (DanceGRPO trains on normalised).")

@@ -11,6 +11,10 @@ farther than ``MAX_DISTANCE`` from all of them. Per frame and per colour the obj
   prompt shape's band, falling linearly to 0 at ``FILL_SLACK`` outside it (0 when the object is
   missing); the mean over frames and objects. It rises as a blob gets squarer while ``shape`` is
   still 0, so groups of square prompts that all fail ``shape`` still rank their videos;
+- ``fill_peak``: graded shape without a flat top: per frame and prompt object, 1 at the fill the
+  renderer draws that shape with (``RENDERED_FILL``), falling linearly to 0 at ``FILL_SLACK`` from it;
+  the mean over frames and objects. Unlike ``fill`` it tells a circle at the band's edge from one at
+  its centre, so a reward that makes triangles thinner does not let circles drift out of their band;
 - ``motion`` (level 1): 1 when the object's centroid moved at least ``MIN_MOTION`` px from its
   first to its last present frame, mostly along the prompt's direction; else 0;
 - ``relation`` (level 2): fraction of frames where both objects are present and the first is
@@ -52,10 +56,12 @@ MIN_SEPARATION = 4.0  # px along the relation's axis; the renderer places centre
 SQUARE_FILL, CIRCLE_FILL = 0.88, 0.68
 # a triangle's band stops at 0.4 (renders fill 0.5-0.58) so a trained sliver or line earns no full credit
 FILL_BAND = {"square": (SQUARE_FILL, 1.0), "circle": (CIRCLE_FILL, SQUARE_FILL), "triangle": (0.4, CIRCLE_FILL)}
+RENDERED_FILL = {"square": 1.0, "circle": 0.79, "triangle": 0.52}  # medians over frames of 60 renders each
 FILL_SLACK = 0.5  # the base's squares fill 0.3-0.8 of their boxes: a narrower ramp would leave them all at 0
 CLEAN_MARGIN = 2  # px around an object's bounding box where blurred edges are not counted against ``clean``
-COMPONENTS = ("colour", "shape", "fill", "motion", "relation", "partial", "accuracy", "clean")
-TRAINABLE = ("accuracy", "partial", "colour", "shape", "fill", "clean")  # defined for every prompt of both levels
+COMPONENTS = ("colour", "shape", "fill", "fill_peak", "motion", "relation", "partial", "accuracy", "clean")
+# defined for every prompt of both levels
+TRAINABLE = ("accuracy", "partial", "colour", "shape", "fill", "fill_peak", "clean")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,13 @@ def fill_score(blob: Blob | None, shape: str) -> float:
         return 0.0
     low, high = FILL_BAND[shape]
     return max(0.0, 1.0 - max(low - blob.fill, blob.fill - high, 0.0) / FILL_SLACK)
+
+
+def fill_peak_score(blob: Blob | None, shape: str) -> float:
+    """1 at ``shape``'s rendered fill, linearly down to 0 at ``FILL_SLACK`` from it; 0 without a blob."""
+    if blob is None:
+        return 0.0
+    return max(0.0, 1.0 - abs(blob.fill - RENDERED_FILL[shape]) / FILL_SLACK)
 
 
 def label_pixels(video: np.ndarray) -> np.ndarray:
@@ -136,12 +149,15 @@ def _motion_holds(direction: str, track: list[Blob]) -> bool:
 
 def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
     """Every component of one (F, H, W, 3) uint8 video for one parsed prompt."""
+    if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"score_video takes (F, H, W, 3) uint8 frames, got {video.dtype} {video.shape}")
     labels = label_pixels(video)
     wanted = {COLOUR_INDEX[o.colour] for o in scene.objects}
-    colour, shape, fill, relation, together, clean = [], [], [], [], [], []
+    colour, shape, fill, peak, relation, together, clean = [], [], [], [], [], [], []
     track = []
     for frame in labels:
-        present = {c for c in range(1, len(PALETTE)) if (frame == c).sum() >= MIN_AREA}
+        counts = np.bincount(frame[frame > 0], minlength=len(PALETTE))
+        present = {int(c) for c in np.flatnonzero(counts >= MIN_AREA)}
         blobs = [largest_blob(frame == COLOUR_INDEX[o.colour]) for o in scene.objects]
         colour_ok = present == wanted and all(b is not None for b in blobs)
         shape_ok = all(b is not None and b.shape == o.shape for b, o in zip(blobs, scene.objects))
@@ -149,6 +165,7 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
         colour.append(colour_ok)
         shape.append(shape_ok)
         fill.append(np.mean([fill_score(b, o.shape) for b, o in zip(blobs, scene.objects)]))
+        peak.append(np.mean([fill_peak_score(b, o.shape) for b, o in zip(blobs, scene.objects)]))
         relation.append(rel_ok)
         together.append(colour_ok and shape_ok and rel_ok)
         clean.append(_clean_fraction(frame, blobs))
@@ -159,7 +176,8 @@ def score_video(video: np.ndarray, scene: Scene) -> dict[str, float]:
     colour_mean, shape_mean = float(np.mean(colour)), float(np.mean(shape))
     relation_mean = float(np.mean(relation)) if scene.level == 2 else float("nan")
     action = motion if scene.level == 1 else relation_mean
-    return {"colour": colour_mean, "shape": shape_mean, "fill": float(np.mean(fill)), "motion": motion,
+    return {"colour": colour_mean, "shape": shape_mean, "fill": float(np.mean(fill)),
+            "fill_peak": float(np.mean(peak)), "motion": motion,
             "relation": relation_mean, "partial": (colour_mean + shape_mean + action) / 3,
             "accuracy": float(accurate), "clean": float(np.mean(clean))}
 
