@@ -14,7 +14,8 @@ farther than ``MAX_DISTANCE`` from all of them. Per frame and per colour the obj
 - ``fill_peak``: graded shape without a flat top: per frame and prompt object, 1 at the fill the
   renderer draws that shape with (``RENDERED_FILL``), falling linearly to 0 at ``FILL_SLACK`` from it;
   the mean over frames and objects. Unlike ``fill`` it tells a circle at the band's edge from one at
-  its centre, so a reward that makes triangles thinner does not let circles drift out of their band;
+  its centre: it penalises a circle drifting toward the edge of its band (in one level-1 run that did
+  not stop the drift; docs/benchmarks.md);
 - ``motion`` (level 1): 1 when the object's centroid moved at least ``MIN_MOTION`` px from its
   first to its last present frame, mostly along the prompt's direction; else 0;
 - ``relation`` (level 2): fraction of frames where both objects are present and the first is
