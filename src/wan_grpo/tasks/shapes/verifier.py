@@ -84,19 +84,21 @@ class Blob:
         return "square" if self.fill >= SQUARE_FILL else "circle" if self.fill >= CIRCLE_FILL else "triangle"
 
 
-def fill_score(blob: Blob | None, shape: str) -> float:
-    """1 inside ``shape``'s fill band, linearly down to 0 at ``FILL_SLACK`` outside it; 0 without a blob."""
+def _graded_fill(blob: Blob | None, low: float, high: float) -> float:
+    """1 when the blob's fill lies in [low, high], linearly down to 0 at ``FILL_SLACK`` outside; 0 without a blob."""
     if blob is None:
         return 0.0
-    low, high = FILL_BAND[shape]
     return max(0.0, 1.0 - max(low - blob.fill, blob.fill - high, 0.0) / FILL_SLACK)
+
+
+def fill_score(blob: Blob | None, shape: str) -> float:
+    """1 inside ``shape``'s fill band, linearly down to 0 at ``FILL_SLACK`` outside it; 0 without a blob."""
+    return _graded_fill(blob, *FILL_BAND[shape])
 
 
 def fill_peak_score(blob: Blob | None, shape: str) -> float:
     """1 at ``shape``'s rendered fill, linearly down to 0 at ``FILL_SLACK`` from it; 0 without a blob."""
-    if blob is None:
-        return 0.0
-    return max(0.0, 1.0 - abs(blob.fill - RENDERED_FILL[shape]) / FILL_SLACK)
+    return _graded_fill(blob, RENDERED_FILL[shape], RENDERED_FILL[shape])
 
 
 def label_pixels(video: np.ndarray) -> np.ndarray:
