@@ -123,3 +123,16 @@ def test_train_resolves_unset_batch_sizes_by_the_device_memory():
                                                           train_batch_size=64, rollout_batch_size=1),
                                               nproc=8, device_memory=80 * GIB)
     assert chosen == {"decode_batch_size": 1} and only_decode.train_batch_size == 64
+
+
+def test_the_shapes_model_is_planned_with_its_own_vae_compression(capsys):
+    """The Shapes VAE compresses time 4x (9 frames -> 3 latent frames), which its task name does not say:
+    the plan reads vae/config.json. It counted 9 latent frames (144 tokens, a trajectory 3x too large)."""
+    from wan_grpo.plan import PlanConfig, estimate
+
+    est = estimate(PlanConfig(task="shapes", lora_rank=0))  # --task shapes alone plans the shipped base
+    assert est["tokens_per_sample"] == 3 * 4 * 4  # latent frames x (64/8/2)^2
+    assert est["bytes"]["trajectory"] == 8 * 11 * 16 * 3 * 8 * 8 * 4  # 8 videos, 10 steps + 1, fp32
+    assert main(["plan", "--task", "shapes", "--frame_num", "6"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--frame_num 6 is not 4k+1; use e.g. 5" in err[0]

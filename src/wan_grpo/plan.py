@@ -85,6 +85,20 @@ def count_parameters(config: dict, *, lora_rank: int, targets: list[str]) -> tup
     return base, lora
 
 
+def vae_stride(ckpt_dir: str) -> tuple[int, int, int] | None:
+    """(time, height, width) compression of a diffusers-format folder's VAE, from vae/config.json (diffusers'
+    defaults, 4 and 8, for keys it leaves out); None without one. The Shapes VAE compresses time 4x where the
+    tiny model's does not, so a preset's task alone cannot say."""
+    from diffusers import AutoencoderKLWan
+
+    path = Path(ckpt_dir) / "vae"
+    if not (path / "config.json").is_file():
+        return None
+    config = AutoencoderKLWan.load_config(str(path))
+    t, s = config.get("scale_factor_temporal", 4), config.get("scale_factor_spatial", 8)
+    return int(t), int(s), int(s)
+
+
 def checkpoint_architecture(ckpt_dir: str) -> tuple[str, dict, int]:
     """(task, expert config, experts) of a checkpoint folder, read from its config files only."""
     from diffusers import WanTransformer3DModel
@@ -104,6 +118,10 @@ def checkpoint_architecture(ckpt_dir: str) -> tuple[str, dict, int]:
 
 def estimate(cfg: PlanConfig) -> dict:
     check_ranges(cfg)
+    if cfg.task == "shapes" and not cfg.ckpt_dir:  # the shipped base, as train and eval use it
+        from wan_grpo.tasks.shapes import BASE_DIR
+
+        cfg = replace(cfg, ckpt_dir=str(BASE_DIR))
     if cfg.ckpt_dir:
         task, config, n_experts = checkpoint_architecture(cfg.ckpt_dir)
         if cfg.task is not None and cfg.task != task:
@@ -118,7 +136,8 @@ def estimate(cfg: PlanConfig) -> dict:
     frames = preset.frame_num if cfg.frame_num is None else cfg.frame_num
     n_trained = len(train_expert_indices(cfg.train_experts, (True, n_experts == 2)))
     targets = lora_targets(cfg.lora_target_modules)
-    ts, hs, ws = ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (1, 8, 8)
+    stride = vae_stride(cfg.ckpt_dir) if cfg.ckpt_dir else None
+    ts, hs, ws = stride or (ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (1, 8, 8))
     patch = config.get("patch_size", (1, 2, 2))
     if width % (ws * patch[2]) or height % (hs * patch[1]):  # parse_size already refused sides below 1
         raise UserError(f"--size {width}*{height} is not divisible by the VAE stride times patch size "
