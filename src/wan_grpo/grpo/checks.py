@@ -66,9 +66,14 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
                         split)
     k = cfg.optimizer_steps_per_rollout
     if per_sample < k:
+        fixes = ["raise --timestep_fraction"] if cfg.timestep_fraction < 1 else []  # at 1 it cannot rise
+        fixes += [f"lower --optimizer_steps_per_rollout to {per_sample}"]
+        if len(trained) < 2 and info.has_high and info.has_low:
+            fixes += ["train both experts"]
         raise UserError(f"--optimizer_steps_per_rollout {k} needs at least {k} replayed steps per sample, but "
-                        f"--timestep_fraction {cfg.timestep_fraction:g} of the trained experts' steps ({split}) gives "
-                        f"{per_sample}; raise --timestep_fraction or lower --optimizer_steps_per_rollout")
+                        f"--timestep_fraction {cfg.timestep_fraction:g} of the steps of --train_experts "
+                        f"{cfg.train_experts} ({split}) gives {per_sample}; {', '.join(fixes[:-1])}"
+                        f"{' or ' if len(fixes) > 1 else ''}{fixes[-1]}")
 
 
 def describe_steps(plan, kind: str) -> str:
