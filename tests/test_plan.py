@@ -136,3 +136,8 @@ def test_the_shapes_model_is_planned_with_its_own_vae_compression(capsys):
     assert main(["plan", "--task", "shapes", "--frame_num", "6"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--frame_num 6 is not 4k+1; use e.g. 5" in err[0]
+    # the CLI plans what train --task shapes runs: NFT (an old-policy copy, no trajectory), full fine-tuning
+    assert main(["plan", "--task", "shapes"]) == 0
+    out = capsys.readouterr().out
+    assert "(48 tokens per sample), full fine-tuning, 2 expert(s) trained" in out
+    assert gib(out, "nft_old_policy") > 0 and gib(out, "trajectory") == 0

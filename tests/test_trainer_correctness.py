@@ -151,10 +151,14 @@ def test_steps_with_nothing_to_train_are_skipped_and_counted(tmp_path):
     (["--noise_level", "0"], "--noise_level 0 makes every step deterministic"),
     (["--optimizer_steps_per_rollout", "8", "--timestep_fraction", "0.5"],
      "--optimizer_steps_per_rollout 8 needs at least 8 replayed steps per sample"),
-    # at --timestep_fraction 1 the only fixes are fewer optimizer steps or both experts
+    # only fixes that reach k are named: 8 steps in all, 3 of them the high-noise expert's
     (["--optimizer_steps_per_rollout", "99", "--train_experts", "high"],
      "the steps of --train_experts high (3 high-noise and 5 low-noise of 8 steps are stochastic) gives 3; "
-     "lower --optimizer_steps_per_rollout to 3 or train both experts"),
+     "lower --optimizer_steps_per_rollout to at most 3 (dividing --max_steps)"),
+    (["--optimizer_steps_per_rollout", "6", "--train_experts", "high"],
+     "gives 3; train both experts or lower --optimizer_steps_per_rollout to at most 3"),
+    (["--optimizer_steps_per_rollout", "8", "--timestep_fraction", "0.5"],
+     "gives 4; raise --timestep_fraction or lower --optimizer_steps_per_rollout to at most 4"),
     (["--train_experts", "high", "--sde_window", "4:8"], "--train_experts high owns none of the stochastic steps"),
     (["--max_steps", "3", "--optimizer_steps_per_rollout", "2"], "use 2 or 4"),
     (["--train_experts", "foo"], "use high, low, both or high,low"),

@@ -27,22 +27,33 @@ Not counted: the reward model (VideoAlign) when it shares the device, and the CU
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from wan_grpo.config import ModelConfig, check_ranges, opt, parse_size
 from wan_grpo.errors import UserError
 from wan_grpo.grpo.policy import lora_targets, train_expert_indices, use_gradient_checkpointing
+from wan_grpo.models.files import read_json
 from wan_grpo.models.loading import checkpoint_info
 from wan_grpo.specs import ARCHITECTURES, PRESETS, Expert
 
 GIB = 2**30
 
 
+def _shapes_defaults(given: dict) -> dict:
+    """What train --task shapes trains with (NFT, full fine-tuning, 8 x 8, ...), for the settings plan has."""
+    from wan_grpo.tasks.shapes import train_defaults
+
+    names = {f.name for f in fields(PlanConfig)}
+    return {k: v for k, v in train_defaults(given).items() if k in names}
+
+
 @dataclass
 class PlanConfig(ModelConfig):
+    TASK_DEFAULTS: ClassVar[dict] = {"shapes": _shapes_defaults}
     lora_rank: int = opt(32, "LoRA rank (0: full fine-tuning).", ge=0)
     lora_target_modules: str = opt("to_q,to_k,to_v,to_out.0,ffn.net.0.proj,ffn.net.2", "LoRA target modules.")
     train_experts: str = opt("high,low", "Experts trained: high, low, both (or high,low).")
@@ -85,17 +96,17 @@ def count_parameters(config: dict, *, lora_rank: int, targets: list[str]) -> tup
     return base, lora
 
 
-def vae_stride(ckpt_dir: str) -> tuple[int, int, int] | None:
-    """(time, height, width) compression of a diffusers-format folder's VAE, from vae/config.json (diffusers'
-    defaults, 4 and 8, for keys it leaves out); None without one. The Shapes VAE compresses time 4x where the
-    tiny model's does not, so a preset's task alone cannot say."""
-    from diffusers import AutoencoderKLWan
-
-    path = Path(ckpt_dir) / "vae"
-    if not (path / "config.json").is_file():
+def vae_stride(ckpt_dir: str, task: str) -> tuple[int, int, int] | None:
+    """(time, height, width) compression of a diffusers-format folder's VAE, from vae/config.json; a key it
+    leaves out comes from the task's architecture, else diffusers' default (4, 8). None without a vae/ folder.
+    The task alone cannot say: the previous Shapes VAE (vae_warm_start) did not compress time, the shipped one
+    does."""
+    path = Path(ckpt_dir) / "vae" / "config.json"
+    if not path.is_file():
         return None
-    config = AutoencoderKLWan.load_config(str(path))
-    t, s = config.get("scale_factor_temporal", 4), config.get("scale_factor_spatial", 8)
+    config = read_json(path)
+    known = ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (4, 8, 8)
+    t, s = config.get("scale_factor_temporal") or known[0], config.get("scale_factor_spatial") or known[1]
     return int(t), int(s), int(s)
 
 
@@ -136,7 +147,7 @@ def estimate(cfg: PlanConfig) -> dict:
     frames = preset.frame_num if cfg.frame_num is None else cfg.frame_num
     n_trained = len(train_expert_indices(cfg.train_experts, (True, n_experts == 2)))
     targets = lora_targets(cfg.lora_target_modules)
-    stride = vae_stride(cfg.ckpt_dir) if cfg.ckpt_dir else None
+    stride = vae_stride(cfg.ckpt_dir, task) if cfg.ckpt_dir else None
     ts, hs, ws = stride or (ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (1, 8, 8))
     patch = config.get("patch_size", (1, 2, 2))
     if width % (ws * patch[2]) or height % (hs * patch[1]):  # parse_size already refused sides below 1

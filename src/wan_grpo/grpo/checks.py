@@ -54,8 +54,13 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
     if cfg.algorithm == "nft":  # NFT trains on the noise levels of every step, whatever the solver
         plan = dataclasses.replace(plan, stochastic=torch.ones_like(plan.stochastic))
         kind = "trained"
-    owned = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in trained}
-    per_sample = sum(transitions_per_sample(n, cfg.timestep_fraction) for n in owned.values())
+    steps = {e: int((plan.stochastic & (plan.experts == e)).sum()) for e in Expert}
+    owned = {e: steps[e] for e in trained}
+
+    def replayed(experts, fraction: float) -> int:
+        return sum(transitions_per_sample(steps[e], fraction) for e in experts)
+
+    per_sample = replayed(trained, cfg.timestep_fraction)
     split = describe_steps(plan, kind)
     if per_sample == 0:
         raise UserError(f"--train_experts {cfg.train_experts} owns none of the {kind} steps ({split}); widen "
@@ -66,10 +71,12 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
                         split)
     k = cfg.optimizer_steps_per_rollout
     if per_sample < k:
-        fixes = ["raise --timestep_fraction"] if cfg.timestep_fraction < 1 else []  # at 1 it cannot rise
-        fixes += [f"lower --optimizer_steps_per_rollout to {per_sample}"]
-        if len(trained) < 2 and info.has_high and info.has_low:
+        # only fixes that reach k: a larger fraction (at most 1), both experts, or fewer optimizer steps
+        both = [e for e, present in zip(Expert, (info.has_high, info.has_low)) if present]
+        fixes = ["raise --timestep_fraction"] if replayed(trained, 1.0) >= k else []
+        if len(trained) < len(both) and replayed(both, cfg.timestep_fraction) >= k:
             fixes += ["train both experts"]
+        fixes += [f"lower --optimizer_steps_per_rollout to at most {per_sample} (dividing --max_steps)"]
         raise UserError(f"--optimizer_steps_per_rollout {k} needs at least {k} replayed steps per sample, but "
                         f"--timestep_fraction {cfg.timestep_fraction:g} of the steps of --train_experts "
                         f"{cfg.train_experts} ({split}) gives {per_sample}; {', '.join(fixes[:-1])}"
