@@ -130,9 +130,9 @@ def checkpoint_architecture(ckpt_dir: str) -> tuple[str, dict, int]:
 def estimate(cfg: PlanConfig) -> dict:
     check_ranges(cfg)
     if cfg.task == "shapes" and not cfg.ckpt_dir:  # the shipped base, as train and eval use it
-        from wan_grpo.tasks.shapes import BASE_DIR
+        from wan_grpo.tasks.shapes import base_dir
 
-        cfg = replace(cfg, ckpt_dir=str(BASE_DIR))
+        cfg = replace(cfg, ckpt_dir=str(base_dir()))
     if cfg.ckpt_dir:
         task, config, n_experts = checkpoint_architecture(cfg.ckpt_dir)
         if cfg.task is not None and cfg.task != task:

@@ -18,7 +18,7 @@ from wan_grpo.models.text import EmbeddingDiskCache, PromptEmbeddingCache, files
 from wan_grpo.models.tiny import build_tiny_components, tiny_info
 from wan_grpo.sampling.schedule import MULTISTEP, flow_match_schedule, multistep_scheduler
 from wan_grpo.specs import PRESETS
-from wan_grpo.tasks.shapes import BASE_DIR
+from wan_grpo.tasks.shapes import base_dir as shapes_base_dir
 
 log = logging.getLogger("wan_grpo")
 
@@ -87,11 +87,7 @@ def resolve_config(cfg):
 
     task = cfg.task
     if cfg.ckpt_dir is None and task == "shapes":  # the Shapes model ships inside the package
-
-        if not (BASE_DIR / "model_index.json").is_file():
-            raise UserError(f"the Shapes base model is missing from {BASE_DIR}; restore it (git checkout -- "
-                            "src/wan_grpo/tasks/shapes/base) or build it with 'make shapes-base-full'")
-        cfg = dataclasses.replace(cfg, ckpt_dir=str(BASE_DIR))
+        cfg = dataclasses.replace(cfg, ckpt_dir=str(shapes_base_dir()))
     if cfg.ckpt_dir is None:
         if task not in (None, "tiny"):
             raise UserError(f"--task {task} needs --ckpt_dir pointing at its checkpoint (diffusers or original layout)")

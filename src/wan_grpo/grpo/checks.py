@@ -72,7 +72,7 @@ def check_schedule(cfg: TrainConfig, info, sampler: SamplerConfig) -> None:
     k = cfg.optimizer_steps_per_rollout
     if per_sample < k:
         # only fixes that reach k: a larger fraction (at most 1), both experts, or fewer optimizer steps
-        both = [e for e, present in zip(Expert, (info.has_high, info.has_low)) if present]
+        both = train_expert_indices("both", (info.has_high, info.has_low))
         fixes = ["raise --timestep_fraction"] if replayed(trained, 1.0) >= k else []
         if len(trained) < len(both) and replayed(both, cfg.timestep_fraction) >= k:
             fixes += ["train both experts"]

@@ -7,6 +7,17 @@ BASE_DIR = Path(__file__).resolve().parent / "base"  # the shipped diffusers-for
 # the previous base's VAE (no time compression, narrower): where make shapes-base-full warm-starts its own
 VAE_WARM_START = Path(__file__).resolve().parent / "vae_warm_start"
 
+def base_dir() -> Path:
+    """BASE_DIR, where --task shapes finds its model when no --ckpt_dir is given; a one-line error naming the
+    fix when the folder has lost its model."""
+    from wan_grpo.errors import UserError
+
+    if not (BASE_DIR / "model_index.json").is_file():
+        raise UserError(f"the Shapes base model is missing from {BASE_DIR}; restore it (git checkout -- "
+                        "src/wan_grpo/tasks/shapes/base) or build it with 'make shapes-base-full'")
+    return BASE_DIR
+
+
 # What `wan-grpo train --task shapes` (given explicitly) trains with unless a config file or flag says otherwise:
 # DiffusionNFT on both experts, full fine-tuning, six optimizer steps per rollout of 8 prompts x 8 videos with two
 # noise draws each, and a KL to the base at weight 1 (`nft-k6-d2-kl1` of benchmarks/shapes_learning.py: the only
