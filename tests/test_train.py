@@ -365,3 +365,20 @@ def test_offload_model_keeps_one_expert_resident_and_changes_nothing(tmp_path, m
         a = load_file(off_dir / "checkpoint-2" / sub / "diffusion_pytorch_model.safetensors")
         b = load_file(on_dir / "checkpoint-2" / sub / "diffusion_pytorch_model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_max_steps_decides_the_length_unless_num_epochs_is_given(tmp_path, caplog):
+    """train's --num_epochs defaulted to 5 and silently ended runs before --max_steps; without it the run
+    now takes --max_steps, and with both the one that ends it first is named in a warning."""
+    one = tmp_path / "one.txt"
+    one.write_text("A cat walking in snow\n")  # one rollout per epoch
+    common = ("--prompts", str(one), "--lora_rank", "0", "--learning_rate", "1e-2")
+    _, rows = train(tmp_path, "steps", *common, "--max_steps", "7")
+    assert [r["step"] for r in rows] == list(range(1, 8))  # past the old default's 5 epochs
+    with caplog.at_level(logging.WARNING, logger="wan_grpo"):
+        _, rows = train(tmp_path, "epochs", *common, "--max_steps", "7", "--num_epochs", "2")
+    assert [r["step"] for r in rows] == [1, 2]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("--num_epochs 2 (1 rollout per pass) ends this run at step 2, before --max_steps 7" in m for m in warned)
+    _, rows = train(tmp_path, "neither", *common, "--optimizer_steps_per_rollout", "2")
+    assert [r["step"] for r in rows] == list(range(1, 11))  # 5 epochs of 1 rollout x 2 steps

@@ -343,11 +343,27 @@ def setup(cfg: TrainConfig) -> Run:
                resume=resume, algorithm=ALGORITHMS[cfg.algorithm]())
 
 
+DEFAULT_EPOCHS = 5  # without --max_steps or --num_epochs
+
+
 def total_rollouts(cfg: TrainConfig, order: PromptOrder) -> int:
-    total = cfg.num_epochs * order.steps_per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps // cfg.optimizer_steps_per_rollout)  # validate(): max_steps is a multiple
-    return total
+    """The run's rollouts: --max_steps' (validate(): a multiple of the steps per rollout) unless --num_epochs
+    passes over the prompts end it sooner; without either, DEFAULT_EPOCHS passes."""
+    by_steps = cfg.max_steps // cfg.optimizer_steps_per_rollout if cfg.max_steps else None
+    epochs = cfg.num_epochs or (None if by_steps else DEFAULT_EPOCHS)
+    by_epochs = epochs * order.steps_per_epoch if epochs else None
+    return min(n for n in (by_steps, by_epochs) if n is not None)
+
+
+def epochs_end_first(cfg: TrainConfig, order: PromptOrder) -> str | None:
+    """A warning when --num_epochs ends the run before the --max_steps also given, else None."""
+    total = total_rollouts(cfg, order)
+    if not cfg.max_steps or total * cfg.optimizer_steps_per_rollout >= cfg.max_steps:
+        return None
+    per_pass = f"{order.steps_per_epoch} rollout{'s' if order.steps_per_epoch > 1 else ''} per pass"
+    return (f"--num_epochs {cfg.num_epochs} ({per_pass}) ends this run at step "
+            f"{total * cfg.optimizer_steps_per_rollout}, before --max_steps {cfg.max_steps}; drop --num_epochs to run "
+            "to --max_steps")
 
 
 def train(cfg: TrainConfig, *, stop: StopRequests | None = None) -> Path:
@@ -369,6 +385,8 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         run.counters.update(state["counters"])
         log.info("resumed from %s (step %d)", run.resume, state["step"])
     total = total_rollouts(cfg, run.order)
+    if main and (warning := epochs_end_first(cfg, run.order)):
+        log.warning(warning)
     metrics = metrics_writer(cfg, run.save_dir, resume_step=start * k) if main else None
     solver = run.sampler.solver if run.sampler.solver != "sde" else f"SDE ({cfg.sde_type})"
     log.info("%s on %s: %d prompts, %d rollouts x %d optimizer steps, %d videos per prompt, %d %s steps, "
