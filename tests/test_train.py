@@ -382,3 +382,15 @@ def test_max_steps_decides_the_length_unless_num_epochs_is_given(tmp_path, caplo
     assert any("--num_epochs 2 (1 rollout per pass) ends this run at step 2, before --max_steps 7" in m for m in warned)
     _, rows = train(tmp_path, "neither", *common, "--optimizer_steps_per_rollout", "2")
     assert [r["step"] for r in rows] == list(range(1, 11))  # 5 epochs of 1 rollout x 2 steps
+
+
+def test_run_length_of_a_prompt_order():
+    """The rule train (rollouts) and sft (steps) share: the limit, unless epochs given end the run sooner."""
+    from wan_grpo.grpo.data import PromptOrder
+
+    order = PromptOrder(["a", "b", "c"], batch_size=2, seed=0)  # 2 batches a pass
+    assert order.run_length(num_epochs=None, limit=7, default_epochs=5) == 7
+    assert order.run_length(num_epochs=None, limit=0, default_epochs=5) == 10  # 0: no limit
+    assert order.run_length(num_epochs=2, limit=7, default_epochs=5) == 4
+    assert order.run_length(num_epochs=9, limit=7, default_epochs=5) == 7
+    assert order.run_length(num_epochs=3, limit=0, default_epochs=1) == 6

@@ -12,6 +12,8 @@ from wan_grpo.errors import UserError
 from wan_grpo.rewards.config import RewardConfig
 from wan_grpo.tasks.shapes import train_defaults as shapes_train_defaults
 
+DEFAULT_EPOCHS = 5  # passes over the prompts of a run given neither --max_steps nor --num_epochs
+
 
 @dataclass
 class PolicyConfig(ModelConfig):
@@ -69,7 +71,8 @@ class TrainConfig(RewardConfig, PolicyConfig):
     # Data
     prompts: str | None = opt(None, "Prompt file: .txt (one per line) or .jsonl with a 'prompt' field. "
                                     "Default: five built-in prompts (a cat in snow, a sunset, ...).")
-    num_epochs: int | None = opt(None, "Passes over the prompt set. Default: as many as --max_steps needs, else 5. "
+    num_epochs: int | None = opt(None, "Passes over the prompt set. Default: as many as --max_steps needs, else "
+                                       f"{DEFAULT_EPOCHS}. "
                                        "Given with --max_steps, the run ends at whichever comes first.", ge=1)
     batch_size: int = opt(1, "Prompts per rollout.", ge=1)
     num_generations: int = opt(8, "Videos sampled per prompt (the GRPO group size).", ge=2)

@@ -95,6 +95,14 @@ class PromptOrder:
         self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
         self.steps_per_epoch = math.ceil(len(prompts) / batch_size)
 
+    def run_length(self, *, num_epochs: int | None, limit: int, default_epochs: int) -> int:
+        """Batches a run takes: ``limit`` (0: none) unless ``num_epochs`` passes end it sooner; with neither
+        given, ``default_epochs`` passes."""
+        if num_epochs is None and limit:
+            return limit
+        by_epochs = (num_epochs or default_epochs) * self.steps_per_epoch
+        return min(by_epochs, limit) if limit else by_epochs
+
     def epoch_of(self, rollout_index: int) -> int:
         return rollout_index // self.steps_per_epoch
 

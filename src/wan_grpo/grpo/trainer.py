@@ -50,7 +50,7 @@ from wan_grpo.grpo.checkpoint import (
     save_checkpoint,
 )
 from wan_grpo.grpo.checks import check_schedule, parse_window, validate
-from wan_grpo.grpo.config import TrainConfig
+from wan_grpo.grpo.config import DEFAULT_EPOCHS, TrainConfig
 from wan_grpo.grpo.data import PromptOrder, load_prompt_records
 from wan_grpo.grpo.metrics import log_row, metrics_writer, print_summary
 from wan_grpo.grpo.policy import Policy, build_policy
@@ -343,21 +343,15 @@ def setup(cfg: TrainConfig) -> Run:
                resume=resume, algorithm=ALGORITHMS[cfg.algorithm]())
 
 
-DEFAULT_EPOCHS = 5  # without --max_steps or --num_epochs
-
-
 def total_rollouts(cfg: TrainConfig, order: PromptOrder) -> int:
     """The run's rollouts: --max_steps' (validate(): a multiple of the steps per rollout) unless --num_epochs
     passes over the prompts end it sooner; without either, DEFAULT_EPOCHS passes."""
-    by_steps = cfg.max_steps // cfg.optimizer_steps_per_rollout if cfg.max_steps else None
-    epochs = cfg.num_epochs or (None if by_steps else DEFAULT_EPOCHS)
-    by_epochs = epochs * order.steps_per_epoch if epochs else None
-    return min(n for n in (by_steps, by_epochs) if n is not None)
+    return order.run_length(num_epochs=cfg.num_epochs, limit=cfg.max_steps // cfg.optimizer_steps_per_rollout,
+                            default_epochs=DEFAULT_EPOCHS)
 
 
-def epochs_end_first(cfg: TrainConfig, order: PromptOrder) -> str | None:
-    """A warning when --num_epochs ends the run before the --max_steps also given, else None."""
-    total = total_rollouts(cfg, order)
+def epochs_end_first(cfg: TrainConfig, order: PromptOrder, total: int) -> str | None:
+    """A warning when --num_epochs ends the run (``total`` rollouts) before the --max_steps also given, else None."""
     if not cfg.max_steps or total * cfg.optimizer_steps_per_rollout >= cfg.max_steps:
         return None
     per_pass = f"{order.steps_per_epoch} rollout{'s' if order.steps_per_epoch > 1 else ''} per pass"
@@ -385,7 +379,7 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         run.counters.update(state["counters"])
         log.info("resumed from %s (step %d)", run.resume, state["step"])
     total = total_rollouts(cfg, run.order)
-    if main and (warning := epochs_end_first(cfg, run.order)):
+    if main and (warning := epochs_end_first(cfg, run.order, total)):
         log.warning(warning)
     metrics = metrics_writer(cfg, run.save_dir, resume_step=start * k) if main else None
     solver = run.sampler.solver if run.sampler.solver != "sde" else f"SDE ({cfg.sde_type})"

@@ -116,11 +116,7 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
                              for i in range(0, len(videos), per_chunk)])
     del videos
     order = PromptOrder(list(range(len(latents))), batch_size=cfg.batch_size, seed=cfg.seed)
-    if cfg.num_epochs is None:
-        total = cfg.max_steps or order.steps_per_epoch
-    else:
-        total = cfg.num_epochs * order.steps_per_epoch
-        total = min(total, cfg.max_steps) if cfg.max_steps else total
+    total = order.run_length(num_epochs=cfg.num_epochs, limit=cfg.max_steps, default_epochs=1)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp, total_steps=total)
     denoiser = MoEDenoiser(components, guidance_scale=1.0,
                            autocast_dtype=autocast_dtype(cfg.mixed_precision))
