@@ -259,3 +259,16 @@ def test_gradient_checkpointing_changes_no_bit_of_a_shapes_sft_run(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), expert
         start = load_file(BASE_DIR / expert / "diffusion_pytorch_model.safetensors")
         assert not all(torch.equal(start[k], b[k]) for k in start), expert  # the steps did move it
+
+
+def test_max_steps_decides_the_length_and_a_shorter_num_epochs_warns(tmp_path, caplog):
+    """sft ended silently where a given --num_epochs came before --max_steps; it now warns, as train does."""
+    with caplog.at_level(logging.WARNING, logger="wan_grpo"):
+        _, rows = sft(tmp_path, "steps", *SHAPES, "--max_steps", "9")  # 50 prompts, batch 8: 7 steps a pass
+    assert [r["step"] for r in rows][-1] == 9
+    assert not any("--num_epochs" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="wan_grpo"):
+        _, rows = sft(tmp_path, "epochs", *SHAPES, "--max_steps", "9", "--num_epochs", "1")
+    assert [r["step"] for r in rows][-1] == 7
+    assert any("--num_epochs 1 (7 steps per pass) ends this run at step 7, before --max_steps 9; drop --num_epochs"
+               in r.getMessage() for r in caplog.records)

@@ -394,3 +394,12 @@ def test_run_length_of_a_prompt_order():
     assert order.run_length(num_epochs=2, limit=7, default_epochs=5) == 4
     assert order.run_length(num_epochs=9, limit=7, default_epochs=5) == 7
     assert order.run_length(num_epochs=3, limit=0, default_epochs=1) == 6
+    # and the warning both log when given epochs end the run first
+    assert order.epochs_end_first(num_epochs=1, total=2, max_steps=12, steps_per_batch=3) == (
+        "--num_epochs 1 (2 rollouts per pass) ends this run at step 6, before --max_steps 12; drop --num_epochs to run "
+        "to --max_steps")
+    assert order.epochs_end_first(num_epochs=2, total=4, max_steps=12, steps_per_batch=3) is None  # 12 >= 12
+    assert order.epochs_end_first(num_epochs=2, total=4, max_steps=0) is None  # no --max_steps
+    assert order.epochs_end_first(num_epochs=2, total=4, max_steps=7, batch_name="step") == (
+        "--num_epochs 2 (2 steps per pass) ends this run at step 4, before --max_steps 7; drop --num_epochs to run "
+        "to --max_steps")

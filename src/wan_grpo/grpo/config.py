@@ -72,8 +72,8 @@ class TrainConfig(RewardConfig, PolicyConfig):
     prompts: str | None = opt(None, "Prompt file: .txt (one per line) or .jsonl with a 'prompt' field. "
                                     "Default: five built-in prompts (a cat in snow, a sunset, ...).")
     num_epochs: int | None = opt(None, "Passes over the prompt set. Default: as many as --max_steps needs, else "
-                                       f"{DEFAULT_EPOCHS}. "
-                                       "Given with --max_steps, the run ends at whichever comes first.", ge=1)
+                                       f"{DEFAULT_EPOCHS}. Given with --max_steps, the run ends at whichever comes "
+                                       "first (a warning says when it is --num_epochs).", ge=1)
     batch_size: int = opt(1, "Prompts per rollout.", ge=1)
     num_generations: int = opt(8, "Videos sampled per prompt (the GRPO group size).", ge=2)
     # Rewards and advantages

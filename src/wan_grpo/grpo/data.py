@@ -103,6 +103,16 @@ class PromptOrder:
         by_epochs = (num_epochs or default_epochs) * self.steps_per_epoch
         return min(by_epochs, limit) if limit else by_epochs
 
+    def epochs_end_first(self, *, num_epochs: int | None, total: int, max_steps: int, steps_per_batch: int = 1,
+                         batch_name: str = "rollout") -> str | None:
+        """A warning when --num_epochs ends a run of ``total`` batches (``steps_per_batch`` optimizer steps
+        each) before the --max_steps also given, else None."""
+        if not max_steps or total * steps_per_batch >= max_steps:
+            return None
+        per_pass = f"{self.steps_per_epoch} {batch_name}{'s' if self.steps_per_epoch > 1 else ''} per pass"
+        return (f"--num_epochs {num_epochs} ({per_pass}) ends this run at step {total * steps_per_batch}, before "
+                f"--max_steps {max_steps}; drop --num_epochs to run to --max_steps")
+
     def epoch_of(self, rollout_index: int) -> int:
         return rollout_index // self.steps_per_epoch
 

@@ -350,16 +350,6 @@ def total_rollouts(cfg: TrainConfig, order: PromptOrder) -> int:
                             default_epochs=DEFAULT_EPOCHS)
 
 
-def epochs_end_first(cfg: TrainConfig, order: PromptOrder, total: int) -> str | None:
-    """A warning when --num_epochs ends the run (``total`` rollouts) before the --max_steps also given, else None."""
-    if not cfg.max_steps or total * cfg.optimizer_steps_per_rollout >= cfg.max_steps:
-        return None
-    per_pass = f"{order.steps_per_epoch} rollout{'s' if order.steps_per_epoch > 1 else ''} per pass"
-    return (f"--num_epochs {cfg.num_epochs} ({per_pass}) ends this run at step "
-            f"{total * cfg.optimizer_steps_per_rollout}, before --max_steps {cfg.max_steps}; drop --num_epochs to run "
-            "to --max_steps")
-
-
 def train(cfg: TrainConfig, *, stop: StopRequests | None = None) -> Path:
     """Run GRPO; a stop signal (``stop``, see grpo/preemption.py) ends it with a checkpoint and ``Preempted``."""
     try:
@@ -379,7 +369,8 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         run.counters.update(state["counters"])
         log.info("resumed from %s (step %d)", run.resume, state["step"])
     total = total_rollouts(cfg, run.order)
-    if main and (warning := epochs_end_first(cfg, run.order, total)):
+    if main and (warning := run.order.epochs_end_first(num_epochs=cfg.num_epochs, total=total, max_steps=cfg.max_steps,
+                                                        steps_per_batch=cfg.optimizer_steps_per_rollout)):
         log.warning(warning)
     metrics = metrics_writer(cfg, run.save_dir, resume_step=start * k) if main else None
     solver = run.sampler.solver if run.sampler.solver != "sde" else f"SDE ({cfg.sde_type})"

@@ -21,8 +21,9 @@ class SFTConfig(PolicyConfig):
                                  ge=1)
     batch_size: int = opt(16, "Videos per optimizer step.", ge=1)
     train_batch_size: int = opt(16, "Videos per forward/backward micro-batch.", ge=1)
-    num_epochs: int | None = opt(None, "Passes over the videos. Default: as many as --max_steps needs, else 1.",
-                                 ge=1)
+    num_epochs: int | None = opt(None, "Passes over the videos. Default: as many as --max_steps needs, else 1. "
+                                       "Given with --max_steps, the run ends at whichever comes first (a warning "
+                                       "says when it is --num_epochs).", ge=1)
     caption_dropout: float = opt(0.1, "Fraction of samples trained with the negative (empty) prompt, so the model "
                                       "also learns the unconditional velocity that CFG needs.", ge=0, le=1)
     edge_weight: float = opt(0.0, "Extra weight in the loss for the latent positions that encode edges: each "

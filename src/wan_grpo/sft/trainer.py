@@ -117,6 +117,9 @@ def _run(cfg: SFTConfig, stop: StopRequests) -> Path:
     del videos
     order = PromptOrder(list(range(len(latents))), batch_size=cfg.batch_size, seed=cfg.seed)
     total = order.run_length(num_epochs=cfg.num_epochs, limit=cfg.max_steps, default_epochs=1)
+    if warning := order.epochs_end_first(num_epochs=cfg.num_epochs, total=total, max_steps=cfg.max_steps,
+                                         batch_name="step"):
+        log.warning(warning)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp, total_steps=total)
     denoiser = MoEDenoiser(components, guidance_scale=1.0,
                            autocast_dtype=autocast_dtype(cfg.mixed_precision))
