@@ -4,8 +4,10 @@ Each setting trains on one level's training prompts from the Shapes base model, 
 saving checkpoints at --evals evenly spaced rollouts; every checkpoint (and the base) is evaluated
 with ``wan-grpo eval`` (UniPC, fixed seeds, --num_samples videos per prompt) on --split. The table
 gives, per setting and checkpoint, the accuracy averaged over seeds (+- the standard error over seeds,
-or within the one seed's videos) and the mean of the paired per-video change from the base; a PNG
-plots accuracy against training minutes. Choose settings on --split val; report --split heldout.
+or within the one seed's videos) and the mean of the paired per-video change from the base, with its
+standard error over prompts (each video's change averaged over seeds, a prompt's videos one cluster:
+the error of a claim about prompts, which the spread over seeds leaves out); a PNG plots accuracy
+against training minutes. Choose settings on --split val; report --split heldout.
 Rerunning with the same --work reuses finished runs and evals and resumes a run that was stopped, so
 a grid can be spread over several sittings.
 
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from _common import DOCS, parser, record
 
+from wan_grpo.evaluate import prompt_stderr
 from wan_grpo.grpo.metrics import read_metrics
 from wan_grpo.tasks.shapes import BASE_DIR
 
@@ -202,17 +205,23 @@ def main() -> None:
     base_mean = statistics.mean(base)
     lines = [f"Level {args.level}, {args.split} prompts, {args.num_samples} videos per prompt; base accuracy "
              f"{base_mean:.3f} +- {stderr(base):.3f} ({_components([work / 'base'])})", "",
-             "| setting | rollouts | train minutes | accuracy | paired change from base | seeds | components |",
-             "|---|---|---|---|---|---|---|"]
+             "| setting | rollouts | train minutes | accuracy | paired change from base | change +- over prompts "
+             "| seeds | components |",
+             "|---|---|---|---|---|---|---|---|"]
+    prompt_of = [i // args.num_samples for i in range(len(base))]  # the evals' videos come in (prompt, seed) order
     for name, by_step in results.items():
         for step, runs in sorted(by_step.items()):
             means = [statistics.mean(acc) for _, acc, _ in runs]
             changes = [statistics.mean(a - b for a, b in zip(acc, base)) for _, acc, _ in runs]
             spread = stderr(means) if len(runs) > 1 else stderr(runs[0][1])
             change_se = stderr(changes) if len(runs) > 1 else stderr([a - b for a, b in zip(runs[0][1], base)])
+            # each video's change averaged over seeds, then the error with a prompt's videos as one cluster: the
+            # spread over seeds leaves out which prompts the split happens to hold
+            per_video = [statistics.mean(acc[i] - base[i] for _, acc, _ in runs) for i in range(len(base))]
             lines.append(f"| {name} | {step} | {statistics.mean(m for *_, m in runs):.1f} | "
                          f"{statistics.mean(means):.3f} +- {spread:.3f} | {statistics.mean(changes):+.3f} +- "
-                         f"{change_se:.3f} | {len(runs)} | {_components(evals[(name, step)])} |")
+                         f"{change_se:.3f} | {prompt_stderr(per_video, prompt_of):.3f} | {len(runs)} | "
+                         f"{_components(evals[(name, step)])} |")
     if not args.smoke:
         _plot(results, base_mean, (DOCS.parent if args.record else work) /
               (args.plot or f"shapes-learning-l{args.level}-{args.split}.png"))

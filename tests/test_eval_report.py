@@ -44,6 +44,10 @@ def test_eval_numbers_come_from_the_videos_and_compare_to_base(trained_run, tmp_
     summary = result["summary"]["brightness"]
     assert summary["mean"] == pytest.approx(np.mean(values))
     assert summary["stderr"] == pytest.approx(np.std(values, ddof=1) / 2)
+    # two prompts of two videos: over prompts, the standard error of the two prompt means
+    assert summary["prompts"] == 2
+    prompt_means = [np.mean(values[:2]), np.mean(values[2:])]
+    assert summary["prompt_stderr"] == pytest.approx(np.std(prompt_means, ddof=1) / 2**0.5)
     with (trained / "eval.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [float(r["brightness"]) for r in rows] == pytest.approx(values)
@@ -52,6 +56,10 @@ def test_eval_numbers_come_from_the_videos_and_compare_to_base(trained_run, tmp_
     assert table["base"] == pytest.approx(np.mean(base_values))
     assert table["delta"] == pytest.approx(np.mean(values) - np.mean(base_values))
     assert abs(table["delta"]) > 1e-4  # the LoRA changed the videos
+    deltas = np.subtract(values, base_values)
+    delta_means = [deltas[:2].mean(), deltas[2:].mean()]
+    assert table["delta_prompt_stderr"] == pytest.approx(np.std(delta_means, ddof=1) / 2**0.5)
+    assert (table["n"], table["prompts"]) == (4, 2)
     assert "| brightness |" in (trained / "compare.md").read_text()
     grid = read_mp4(trained / "compare" / "prompt_000.mp4")
     assert grid.shape == (5, 64, 128, 3)  # base | trained side by side
@@ -101,3 +109,26 @@ def test_batched_eval_gives_the_one_at_a_time_scores(tmp_path):
         assert batched["brightness"] == pytest.approx(one["brightness"], abs=1e-4)
     values = sorted(r["brightness"] for r in rows[1])
     assert min(b - a for a, b in zip(values, values[1:])) > 2e-4  # distinct videos: a mix-up would show
+
+
+def test_prompt_stderr_against_the_cluster_sandwich_in_float64():
+    """The error over prompts: the cluster-robust (sandwich) standard error of a mean, clusters = prompts."""
+    from wan_grpo.evaluate import prompt_stderr, stderr
+
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i}" for i in rng.integers(0, 6, size=40)]  # unequal videos per prompt
+    effect = {p: rng.normal() for p in set(prompts)}
+    values = [effect[p] + 0.3 * rng.normal() for p in prompts]  # videos of a prompt move together
+    x, mean = np.asarray(values, dtype=np.float64), np.mean(values, dtype=np.float64)
+    sums = [sum(x[i] - mean for i in range(len(x)) if prompts[i] == p) for p in sorted(set(prompts))]
+    g = len(sums)
+    want = np.sqrt(g / (g - 1) * sum(s * s for s in sums)) / len(x)
+    assert prompt_stderr(values, prompts) == pytest.approx(want, rel=1e-12)
+    assert prompt_stderr(values, prompts) > 1.5 * stderr(values)  # the per-video error understates it here
+    # one video per prompt: the per-video error; equal videos per prompt: the error of the prompt means
+    assert prompt_stderr(values, [str(i) for i in range(40)]) == pytest.approx(stderr(values), rel=1e-12)
+    means = [np.mean(values[4 * k:4 * k + 4]) for k in range(10)]
+    assert prompt_stderr(values, [str(i // 4) for i in range(40)]) == pytest.approx(stderr(means), rel=1e-12)
+    assert prompt_stderr(values, ["one"] * 40) == 0.0
+    with pytest.raises(ValueError):
+        prompt_stderr(values, prompts[:-1])

@@ -590,9 +590,9 @@ def test_demo_trains_then_compares_base_and_trained_on_heldout_prompts(tmp_path,
     assert demo(["--save_dir", str(save), "--max_steps", "6", "--save_interval", "6", "--batch_size", "2",
                  "--tensorboard", "false"]) == 0
     out = capsys.readouterr().out
-    for level, videos in ((1, 120), (2, 216)):
+    for level, videos, prompts in ((1, 120, 15), (2, 216, 216)):
         line = next(x for x in out.splitlines() if x.startswith(f"level {level} held-out accuracy: base "))
-        assert f"{videos} videos" in line and "->" in line and "paired" in line
+        assert f"{videos} videos" in line and "->" in line and "paired" in line and f"over {prompts} prompts" in line
         by_shape = out.splitlines()[out.splitlines().index(line) + 1]
         assert by_shape.startswith("  by shape: circle ") and " square " in by_shape and " triangle " in by_shape
         assert (save / f"eval-trained-level{level}" / "compare" / "grid.mp4").stat().st_size > 0

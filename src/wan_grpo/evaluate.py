@@ -56,12 +56,31 @@ def stderr(values: list[float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
+def prompt_stderr(values: list[float], prompts: list[str]) -> float:
+    """Standard error of the mean of ``values`` with the videos of one prompt as a cluster (the sandwich
+    estimate with its G / (G - 1) correction): the error of a claim about prompts, which is what held-out
+    prompts are for. Videos of one prompt move together, so with several per prompt ``stderr`` is too small;
+    with one video per prompt the two are equal, and with equal videos per prompt this is the standard error
+    of the per-prompt means. 0 with fewer than two prompts."""
+    groups = {}
+    mean = float(np.mean(values)) if values else 0.0
+    for v, p in zip(values, prompts, strict=True):
+        groups[p] = groups.get(p, 0.0) + (v - mean)
+    g = len(groups)
+    if g < 2:
+        return 0.0
+    return float(math.sqrt(g / (g - 1) * sum(s * s for s in groups.values())) / len(values))
+
+
 def summarize(rows: list[dict], components: list[str]) -> dict:
-    """Mean, standard error and count of each component over the videos it applies to (NaN: not)."""
+    """Mean, standard error (over videos, and over prompts: ``prompt_stderr``), and the counts of videos and
+    prompts of each component over the videos it applies to (NaN: not)."""
     out = {}
     for c in components:
-        values = [r[c] for r in rows if r[c] is not None and math.isfinite(r[c])]
-        out[c] = {"mean": float(np.mean(values)) if values else math.nan, "stderr": stderr(values), "n": len(values)}
+        used = [r for r in rows if r[c] is not None and math.isfinite(r[c])]
+        values, prompts = [r[c] for r in used], [r["prompt"] for r in used]
+        out[c] = {"mean": float(np.mean(values)) if values else math.nan, "stderr": stderr(values),
+                  "prompt_stderr": prompt_stderr(values, prompts), "n": len(values), "prompts": len(set(prompts))}
     return out
 
 
@@ -152,7 +171,8 @@ def run_eval(cfg: EvalConfig) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     for c, s in result["summary"].items():
-        print(f"{c}: {s['mean']:.4f} +- {s['stderr']:.4f} (n={s['n']})")
+        print(f"{c}: {s['mean']:.4f} +- {s['stderr']:.4f} (n={s['n']}; +- {s['prompt_stderr']:.4f} over "
+              f"{s['prompts']} prompts)")
     if "by_attribute" in result:
         print("accuracy by " + "\naccuracy by ".join(format_breakdown(result["by_attribute"])))
     if base is not None:
@@ -198,16 +218,23 @@ def compare(base: dict, trained: dict, out: Path, *, base_dir: Path, fps: int, g
     for c in trained["components"]:
         if c not in base["components"]:
             continue
-        both = [(b[c], t[c]) for b, t in pairs if b.get(c) is not None and t.get(c) is not None]
+        both = [(b[c], t[c], t["prompt"]) for b, t in pairs if b.get(c) is not None and t.get(c) is not None]
         if not both:
             continue
-        deltas = [t - b for b, t in both]
-        table[c] = {"base": float(np.mean([b for b, _ in both])), "base_stderr": stderr([b for b, _ in both]),
-                    "trained": float(np.mean([t for _, t in both])), "trained_stderr": stderr([t for _, t in both]),
-                    "delta": float(np.mean(deltas)), "delta_stderr": stderr(deltas), "n": len(both)}
-    lines = ["| component | base | trained | delta (paired) | n |", "|---|---|---|---|---|"]
+        deltas, prompts = [t - b for b, t, _ in both], [p for _, _, p in both]
+        base_values, trained_values = [b for b, _, _ in both], [t for _, t, _ in both]
+        table[c] = {"base": float(np.mean(base_values)), "base_stderr": stderr(base_values),
+                    "base_prompt_stderr": prompt_stderr(base_values, prompts),
+                    "trained": float(np.mean(trained_values)), "trained_stderr": stderr(trained_values),
+                    "trained_prompt_stderr": prompt_stderr(trained_values, prompts),
+                    "delta": float(np.mean(deltas)), "delta_stderr": stderr(deltas),
+                    "delta_prompt_stderr": prompt_stderr(deltas, prompts), "n": len(both),
+                    "prompts": len(set(prompts))}
+    lines = ["| component | base | trained | delta (paired) | delta +- over prompts | videos | prompts |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {c} | {v['base']:.4f} +- {v['base_stderr']:.4f} | {v['trained']:.4f} +- {v['trained_stderr']:.4f} | "
-              f"{v['delta']:+.4f} +- {v['delta_stderr']:.4f} | {v['n']} |" for c, v in table.items()]
+              f"{v['delta']:+.4f} +- {v['delta_stderr']:.4f} | {v['delta_prompt_stderr']:.4f} | {v['n']} | "
+              f"{v['prompts']} |" for c, v in table.items()]
     (out / "compare.md").write_text("\n".join(lines) + "\n")
     (out / "compare.json").write_text(json.dumps(table, indent=2))
     print("\n".join(lines))

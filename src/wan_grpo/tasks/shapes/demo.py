@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         row = json.loads((trained / "compare.json").read_text())["accuracy"]
         summary.append(f"level {level} held-out accuracy: base {row['base']:.3f} +- {row['base_stderr']:.3f} -> "
                        f"trained {row['trained']:.3f} +- {row['trained_stderr']:.3f} ({row['delta']:+.3f} +- "
-                       f"{row['delta_stderr']:.3f} paired, {row['n']} videos); side by side: "
+                       f"{row['delta_stderr']:.3f} paired, {row['n']} videos; +- {row['delta_prompt_stderr']:.3f} "
+                       f"over {row['prompts']} prompts); side by side: "
                        f"{trained / 'compare' / 'grid.mp4'}")
         shapes = [json.loads((d / "eval.json").read_text())["by_attribute"]["shape"] for d in (base, trained)]
         summary.append("  by shape: " + ", ".join(f"{name} {shapes[0].get(name, {}).get('accuracy', math.nan):.2f} -> "
