@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,12 +57,13 @@ def stderr(values: list[float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
 
 
-def prompt_stderr(values: list[float], prompts: list[str]) -> float:
+def prompt_stderr(values: Sequence[float], prompts: Sequence[Hashable]) -> float:
     """Standard error of the mean of ``values`` with the videos of one prompt as a cluster (the sandwich
     estimate with its G / (G - 1) correction): the error of a claim about prompts, which is what held-out
     prompts are for. Videos of one prompt move together, so with several per prompt ``stderr`` is too small;
     with one video per prompt the two are equal, and with equal videos per prompt this is the standard error
-    of the per-prompt means. 0 with fewer than two prompts."""
+    of the per-prompt means. A cluster is one value of ``prompts`` (eval passes the prompt text). 0 with
+    fewer than two prompts, as ``stderr`` with fewer than two videos."""
     groups = {}
     mean = float(np.mean(values)) if values else 0.0
     for v, p in zip(values, prompts, strict=True):

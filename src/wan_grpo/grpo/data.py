@@ -107,7 +107,7 @@ class PromptOrder:
                          batch_name: str = "rollout") -> str | None:
         """A warning when --num_epochs ends a run of ``total`` batches (``steps_per_batch`` optimizer steps
         each) before the --max_steps also given, else None."""
-        if not max_steps or total * steps_per_batch >= max_steps:
+        if num_epochs is None or not max_steps or total * steps_per_batch >= max_steps:
             return None
         per_pass = f"{self.steps_per_epoch} {batch_name}{'s' if self.steps_per_epoch > 1 else ''} per pass"
         return (f"--num_epochs {num_epochs} ({per_pass}) ends this run at step {total * steps_per_batch}, before "
