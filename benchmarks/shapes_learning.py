@@ -18,7 +18,6 @@ python benchmarks/shapes_learning.py --settings nft,grpo --rollouts 30,grpo=69 .
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from _common import DOCS, parser, record
 
-from wan_grpo.evaluate import prompt_stderr
+from wan_grpo.evaluate import prompt_stderr, stderr
 from wan_grpo.grpo.metrics import read_metrics
 from wan_grpo.tasks.shapes import BASE_DIR
 
@@ -148,10 +147,6 @@ def _components(paths: list[Path]) -> str:
 def steps_per_rollout(setting: list[str]) -> int:
     flag = "--optimizer_steps_per_rollout"
     return int(setting[setting.index(flag) + 1]) if flag in setting else 1
-
-
-def stderr(values: list[float]) -> float:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
 
 
 def main() -> None:

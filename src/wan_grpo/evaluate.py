@@ -74,6 +74,11 @@ def prompt_stderr(values: Sequence[float], prompts: Sequence[Hashable]) -> float
     return float(math.sqrt(g / (g - 1) * sum(s * s for s in groups.values())) / len(values))
 
 
+def spread(values: Sequence[float], prompts: Sequence[Hashable]) -> tuple[float, float, float]:
+    """Mean (NaN without values), its standard error over videos, and over prompts."""
+    return float(np.mean(values)) if values else math.nan, stderr(values), prompt_stderr(values, prompts)
+
+
 def summarize(rows: list[dict], components: list[str]) -> dict:
     """Mean, standard error (over videos, and over prompts: ``prompt_stderr``), and the counts of videos and
     prompts of each component over the videos it applies to (NaN: not)."""
@@ -81,8 +86,9 @@ def summarize(rows: list[dict], components: list[str]) -> dict:
     for c in components:
         used = [r for r in rows if r[c] is not None and math.isfinite(r[c])]
         values, prompts = [r[c] for r in used], [r["prompt"] for r in used]
-        out[c] = {"mean": float(np.mean(values)) if values else math.nan, "stderr": stderr(values),
-                  "prompt_stderr": prompt_stderr(values, prompts), "n": len(values), "prompts": len(set(prompts))}
+        mean, error, prompt_error = spread(values, prompts)
+        out[c] = {"mean": mean, "stderr": error, "prompt_stderr": prompt_error, "n": len(values),
+                  "prompts": len(set(prompts))}
     return out
 
 
@@ -223,15 +229,12 @@ def compare(base: dict, trained: dict, out: Path, *, base_dir: Path, fps: int, g
         both = [(b[c], t[c], t["prompt"]) for b, t in pairs if b.get(c) is not None and t.get(c) is not None]
         if not both:
             continue
-        deltas, prompts = [t - b for b, t, _ in both], [p for _, _, p in both]
-        base_values, trained_values = [b for b, _, _ in both], [t for _, t, _ in both]
-        table[c] = {"base": float(np.mean(base_values)), "base_stderr": stderr(base_values),
-                    "base_prompt_stderr": prompt_stderr(base_values, prompts),
-                    "trained": float(np.mean(trained_values)), "trained_stderr": stderr(trained_values),
-                    "trained_prompt_stderr": prompt_stderr(trained_values, prompts),
-                    "delta": float(np.mean(deltas)), "delta_stderr": stderr(deltas),
-                    "delta_prompt_stderr": prompt_stderr(deltas, prompts), "n": len(both),
-                    "prompts": len(set(prompts))}
+        prompts = [p for _, _, p in both]
+        table[c] = {}
+        for name, values in (("base", [b for b, _, _ in both]), ("trained", [t for _, t, _ in both]),
+                             ("delta", [t - b for b, t, _ in both])):
+            table[c][name], table[c][f"{name}_stderr"], table[c][f"{name}_prompt_stderr"] = spread(values, prompts)
+        table[c].update(n=len(both), prompts=len(set(prompts)))
     lines = ["| component | base | trained | delta (paired) | delta +- over prompts | videos | prompts |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {c} | {v['base']:.4f} +- {v['base_stderr']:.4f} | {v['trained']:.4f} +- {v['trained_stderr']:.4f} | "
