@@ -13,7 +13,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize("script", ["rollout.py", "train_step.py", "memory.py", "scaling.py", "videoalign.py",
                                     "shapes_learning.py", "shapes_motion.py", "shapes_self_teach.py", "sft_step.py",
                                     "shapes_robust_decoder.py", "shapes_sdedit.py", "shapes_vae_squares.py",
-                                    "gpu_check.py"])
+                                    "vae_decode.py", "gpu_check.py"])
 def test_benchmark_smoke(script):
     docs = BENCH.parent / "docs" / "benchmarks.md"
     before = docs.read_text()

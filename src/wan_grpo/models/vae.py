@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -21,15 +23,35 @@ def decode_latents(vae, latents: torch.Tensor, *, micro_batch: int = 1) -> torch
     device = next(vae.parameters()).device
     mean, std = latent_stats(vae, device=device, dtype=vae.dtype)
     videos = []
-    for chunk in latents.split(micro_batch):
-        n = len(chunk)
-        if n < micro_batch:
-            chunk = torch.cat([chunk, chunk[-1:].expand(micro_batch - n, *chunk.shape[1:])])
-        x = chunk.to(device, vae.dtype) * std + mean
-        video = vae.decode(x, return_dict=False)[0][:n]  # (n, 3, F, H, W) in [-1, 1]
-        video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        videos.append(video.permute(0, 2, 3, 4, 1).cpu())
+    with channels_last_convs(vae.decoder, vae.post_quant_conv, enabled=device.type == "cpu"):
+        for chunk in latents.split(micro_batch):
+            n = len(chunk)
+            if n < micro_batch:
+                chunk = torch.cat([chunk, chunk[-1:].expand(micro_batch - n, *chunk.shape[1:])])
+            x = chunk.to(device, vae.dtype) * std + mean
+            video = vae.decode(x, return_dict=False)[0][:n]  # (n, 3, F, H, W) in [-1, 1]
+            video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            videos.append(video.permute(0, 2, 3, 4, 1).cpu())
     return torch.cat(videos)
+
+
+@contextmanager
+def channels_last_convs(*modules: torch.nn.Module, enabled: bool = True):
+    """Within the block, every Conv3d weight of ``modules`` is stored channels-last (NDHWC), and so are the
+    activations the convolutions hand on; the weights are restored after, so the modules still save as
+    safetensors (which refuses non-contiguous tensors). On CPU this halves the Wan VAE's decode: oneDNN's
+    convolutions run faster and the decoder's RMS norms over channels read contiguous memory instead of a
+    stride of D*H*W (docs/benchmarks.md, "Channels-last VAE decoding"). The pixels may differ from the
+    channels-first decode by one level in about 1 of 50000."""
+    convs = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv3d)] if enabled else []
+    saved = [conv.weight.data for conv in convs]
+    try:
+        for conv in convs:
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        yield
+    finally:
+        for conv, weight in zip(convs, saved):
+            conv.weight.data = weight
 
 
 @torch.no_grad()
