@@ -285,7 +285,12 @@ def test_channels_last_decode_matches_the_channels_first_one_and_restores_the_we
     with torch.no_grad():
         ref = vae.decode(latents * std + mean, return_dict=False)[0]
     ref = ((ref / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+    layouts = []
+    hook = vae.decoder.conv_out.register_forward_pre_hook(
+        lambda conv, args: layouts.append(conv.weight.is_contiguous(memory_format=torch.channels_last_3d)))
     fast = decode_latents(vae, latents, micro_batch=4)
+    hook.remove()
+    assert layouts and all(layouts)  # every decode call ran channels-last
     differ = (fast.int() - ref.int()).abs()
     assert differ.max() <= 1 and differ.float().mean() < 1e-3
     assert all(c.weight is w and c.weight.data.data_ptr() == d.data_ptr() for c, w, d in zip(convs, before, data))

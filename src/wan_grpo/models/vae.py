@@ -39,10 +39,12 @@ def decode_latents(vae, latents: torch.Tensor, *, micro_batch: int = 1) -> torch
 def channels_last_convs(*modules: torch.nn.Module, enabled: bool = True):
     """Within the block, every Conv3d weight of ``modules`` is stored channels-last (NDHWC), and so are the
     activations the convolutions hand on; the weights are restored after, so the modules still save as
-    safetensors (which refuses non-contiguous tensors). On CPU this halves the Wan VAE's decode: oneDNN's
-    convolutions run faster and the decoder's RMS norms over channels read contiguous memory instead of a
-    stride of D*H*W (docs/benchmarks.md, "Channels-last VAE decoding"). The pixels may differ from the
-    channels-first decode by one level in about 1 of 50000."""
+    safetensors (which refuses non-contiguous tensors). On CPU this about halves the decode of the Shapes and
+    tiny Wan VAEs: oneDNN's convolutions run faster and the decoder's RMS norms over channels read contiguous
+    memory instead of a stride of D*H*W (docs/benchmarks.md, "VAE decoding: channels-last against diffusers'
+    decode"). Pixels may differ from the channels-first decode by one level (measured: 1 value in 25000 to
+    50000). Restoring puts the original tensors back, so it undoes any change made to the weights inside the
+    block (a move to another device, a load): keep the block to decoding."""
     convs = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.Conv3d)] if enabled else []
     saved = [conv.weight.data for conv in convs]
     try:
