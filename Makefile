@@ -1,4 +1,4 @@
-# make demo: RL on the shipped Shapes model, held-out accuracy base -> trained (CPU, ~5 min).  make test: tests.
+# make demo: RL on the shipped Shapes model, held-out accuracy base -> trained (CPU, ~4 min).  make test: tests.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
