@@ -15,7 +15,7 @@ from _common import device_from, parser, record, timed
 from diffusers import AutoencoderKLWan
 
 from wan_grpo.models.tiny import build_tiny_components
-from wan_grpo.models.vae import decode_latents, latent_stats
+from wan_grpo.models.vae import decode_latents, latent_stats, to_frames
 from wan_grpo.tasks.shapes import BASE_DIR
 
 
@@ -25,8 +25,7 @@ def channels_first(vae, latents: torch.Tensor, micro_batch: int) -> torch.Tensor
     out = []
     with torch.no_grad():
         for chunk in latents.split(micro_batch):
-            video = vae.decode(chunk * std + mean, return_dict=False)[0]
-            out.append(((video / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu())
+            out.append(to_frames(vae.decode(chunk * std + mean, return_dict=False)[0]))
     return torch.cat(out)
 
 

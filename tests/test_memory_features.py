@@ -11,7 +11,7 @@ from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.policy import build_policy, use_gradient_checkpointing
 from wan_grpo.models.text import EmbeddingDiskCache, files_identity, module_identity
 from wan_grpo.models.tiny import build_tiny_components
-from wan_grpo.models.vae import decode_latents, latent_stats
+from wan_grpo.models.vae import decode_latents, latent_stats, to_frames
 from wan_grpo.runtime import encode_all, load_model, text_encoder_device
 from wan_grpo.sft.config import SFTConfig
 
@@ -283,8 +283,7 @@ def test_channels_last_decode_matches_the_channels_first_one_and_restores_the_we
     # diffusers' decode, channels-first throughout, with decode_latents' normalisation and rounding
     mean, std = latent_stats(vae)
     with torch.no_grad():
-        ref = vae.decode(latents * std + mean, return_dict=False)[0]
-    ref = ((ref / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+        ref = to_frames(vae.decode(latents * std + mean, return_dict=False)[0])
     layouts = []
     hook = vae.decoder.conv_out.register_forward_pre_hook(
         lambda conv, args: layouts.append(conv.weight.is_contiguous(memory_format=torch.channels_last_3d)))

@@ -29,10 +29,14 @@ def decode_latents(vae, latents: torch.Tensor, *, micro_batch: int = 1) -> torch
             if n < micro_batch:
                 chunk = torch.cat([chunk, chunk[-1:].expand(micro_batch - n, *chunk.shape[1:])])
             x = chunk.to(device, vae.dtype) * std + mean
-            video = vae.decode(x, return_dict=False)[0][:n]  # (n, 3, F, H, W) in [-1, 1]
-            video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-            videos.append(video.permute(0, 2, 3, 4, 1).cpu())
+            videos.append(to_frames(vae.decode(x, return_dict=False)[0][:n]))
     return torch.cat(videos)
+
+
+def to_frames(video: torch.Tensor) -> torch.Tensor:
+    """A VAE's (B, 3, F, H, W) pixels in [-1, 1] -> (B, F, H, W, 3) uint8 frames on CPU."""
+    video = ((video.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu()
 
 
 @contextmanager
