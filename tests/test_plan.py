@@ -141,3 +141,19 @@ def test_the_shapes_model_is_planned_with_its_own_vae_compression(capsys):
     out = capsys.readouterr().out
     assert "(48 tokens per sample), full fine-tuning, 2 expert(s) trained" in out
     assert gib(out, "nft_old_policy") > 0 and gib(out, "trajectory") == 0
+
+
+def test_the_vae_stride_has_one_fallback(tiny_ckpt, tmp_path, capsys):
+    """Without vae/config.json the stride is the task's architecture's, else diffusers' default (time 4x, space
+    8x): one fallback (plan had a second, no time compression). plan itself refuses such a folder first."""
+    import shutil
+
+    from wan_grpo.plan import vae_stride
+
+    folder = tmp_path / "no-vae"
+    shutil.copytree(tiny_ckpt, folder, ignore=shutil.ignore_patterns("vae"))
+    assert vae_stride(str(folder), "tiny") == (4, 8, 8) == vae_stride(str(tiny_ckpt), "tiny") == vae_stride(None, "x")
+    assert vae_stride(str(folder), "ti2v-5B") == (4, 16, 16) == vae_stride(None, "ti2v-5B")
+    assert main(["plan", "--ckpt_dir", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-vae/vae is missing or has no config.json; re-download the checkpoint" in err[0]

@@ -96,16 +96,15 @@ def count_parameters(config: dict, *, lora_rank: int, targets: list[str]) -> tup
     return base, lora
 
 
-def vae_stride(ckpt_dir: str, task: str) -> tuple[int, int, int] | None:
-    """(time, height, width) compression of a diffusers-format folder's VAE, from vae/config.json; a key it
-    leaves out comes from the task's architecture, else diffusers' default (4, 8). None without a vae/ folder.
-    The task alone cannot say: the previous Shapes VAE (vae_warm_start) did not compress time, the shipped one
-    does."""
-    path = Path(ckpt_dir) / "vae" / "config.json"
-    if not path.is_file():
-        return None
-    config = read_json(path)
+def vae_stride(ckpt_dir: str | None, task: str) -> tuple[int, int, int]:
+    """(time, height, width) compression of the VAE: a diffusers-format folder's vae/config.json, a key it leaves
+    out (or a folder without one) from the task's architecture, else diffusers' default (4, 8). The task alone
+    cannot say: the previous Shapes VAE (vae_warm_start) did not compress time, the shipped one does."""
     known = ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (4, 8, 8)
+    path = Path(ckpt_dir) / "vae" / "config.json" if ckpt_dir else None
+    if path is None or not path.is_file():
+        return known
+    config = read_json(path)
     t, s = config.get("scale_factor_temporal") or known[0], config.get("scale_factor_spatial") or known[1]
     return int(t), int(s), int(s)
 
@@ -147,8 +146,7 @@ def estimate(cfg: PlanConfig) -> dict:
     frames = preset.frame_num if cfg.frame_num is None else cfg.frame_num
     n_trained = len(train_expert_indices(cfg.train_experts, (True, n_experts == 2)))
     targets = lora_targets(cfg.lora_target_modules)
-    stride = vae_stride(cfg.ckpt_dir, task) if cfg.ckpt_dir else None
-    ts, hs, ws = stride or (ARCHITECTURES[task].vae_stride if task in ARCHITECTURES else (1, 8, 8))
+    ts, hs, ws = vae_stride(cfg.ckpt_dir, task)
     patch = config.get("patch_size", (1, 2, 2))
     if width % (ws * patch[2]) or height % (hs * patch[1]):  # parse_size already refused sides below 1
         raise UserError(f"--size {width}*{height} is not divisible by the VAE stride times patch size "

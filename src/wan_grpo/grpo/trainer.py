@@ -93,6 +93,7 @@ class Run:
     sampler: SamplerConfig
     shape_one: tuple[int, ...]
     order: PromptOrder
+    rollouts: int  # the run's length (total_rollouts), resumed or not
     device: torch.device
     save_dir: Path
     counters: dict
@@ -322,8 +323,9 @@ def setup(cfg: TrainConfig) -> Run:
     cache = encode_all(components, prompts + eval_prompts, cfg.negative_prompt, device=device, dtype=dtype)
     place(components, device, offload_experts=cfg.offload_model)
     order = PromptOrder(prompts, batch_size=cfg.batch_size, seed=cfg.seed)
+    rollouts = total_rollouts(cfg, order)
     policy = build_policy(components, cfg, device=device, fsdp=cfg.dit_fsdp, reference=cfg.kl_coef > 0,
-                          total_steps=total_rollouts(cfg, order) * cfg.optimizer_steps_per_rollout)
+                          total_steps=rollouts * cfg.optimizer_steps_per_rollout)
     if cfg.algorithm == "nft":
         policy.keep_old_copy()  # the sampling policy; a resumed run loads its saved values
     if cfg.ulysses_size > 1:
@@ -337,7 +339,7 @@ def setup(cfg: TrainConfig) -> Run:
                                              enabled=True)
         denoiser.placement.on_move.append(lambda module, dev: move_optimizer_state(policy.optimizer, module, dev))
     return Run(cfg=cfg, components=components, denoiser=denoiser, policy=policy, cache=cache, rewards=rewards,
-               sampler=sampler, shape_one=shape_one, order=order, device=device, save_dir=save_dir,
+               sampler=sampler, shape_one=shape_one, order=order, rollouts=rollouts, device=device, save_dir=save_dir,
                counters={"skipped_updates": 0, "dropped_groups": 0, "unscored_groups": 0},
                dist=info, eval_prompts=eval_prompts, images=images, eval_images=eval_images,
                resume=resume, algorithm=ALGORITHMS[cfg.algorithm]())
@@ -368,7 +370,7 @@ def _loop(run: Run, stop: StopRequests) -> Path:
         start = state["rollout"]
         run.counters.update(state["counters"])
         log.info("resumed from %s (step %d)", run.resume, state["step"])
-    total = total_rollouts(cfg, run.order)
+    total = run.rollouts
     if main and (warning := run.order.epochs_end_first(num_epochs=cfg.num_epochs, total=total, max_steps=cfg.max_steps,
                                                         steps_per_batch=cfg.optimizer_steps_per_rollout)):
         log.warning(warning)
