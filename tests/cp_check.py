@@ -4,12 +4,10 @@ Checks that each rank's feed-forward layers see 1/K of the tokens, that the outp
 single-process forward, and that FSDP's averaged gradients times K equal the single-process ones.
 """
 
-import os
-import sys
-
 import cpu_context_parallel  # noqa: F401  (diffusers' Ulysses on CPU)
 import torch
 import torch.distributed as dist
+from torchrun_exit import exit_cleanly
 
 from wan_grpo.distributed.context_parallel import enable
 from wan_grpo.distributed.parallelize import shard_expert
@@ -47,7 +45,4 @@ worst = max(((g * world) - ref_grads[n]).abs().max().item() / (ref_grads[n].abs(
 assert worst < 1e-4, worst
 if dist.get_rank() == 0:
     print(f"OK tokens per rank {seen[0]} of {tokens}; max relative gradient error {worst:.2e}")
-dist.barrier()  # both ranks done with collectives before either tears gloo down (else an occasional abort)
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # skip interpreter teardown, where gloo's threads still aborted now and then ("terminate called")
+exit_cleanly()

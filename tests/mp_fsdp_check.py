@@ -1,12 +1,12 @@
 """Run by torchrun (tests/test_mixed_precision.py): one bf16 GRPO step under --dit_fsdp on 2 gloo
 processes, then the dtypes of the sharded weights, gradients and optimizer state and FSDP2's policy."""
 
-import os
 import sys
 import tempfile
 
 import torch
 import torch.distributed as dist
+from torchrun_exit import exit_cleanly
 
 from wan_grpo.grpo.config import TrainConfig
 from wan_grpo.grpo.trainer import grpo_rollout_step, setup
@@ -31,7 +31,4 @@ policies = {(m._get_fsdp_state()._mp_policy.param_dtype, m._get_fsdp_state()._mp
 assert policies == {(torch.bfloat16, torch.float32)}, policies
 if dist.get_rank() == 0:
     print(f"OK {n} trained tensors fp32; FSDP2 policy {policies}")
-dist.barrier()  # both ranks done with collectives before either tears gloo down (else an occasional abort)
-dist.destroy_process_group()
-sys.stdout.flush()
-os._exit(0)  # skip interpreter teardown, where gloo's threads still aborted now and then ("terminate called")
+exit_cleanly()
