@@ -1,7 +1,8 @@
 """The Shapes text encoder: a word-level tokenizer over the grammar's words and a small UMT5.
 
-The encoder keeps its seeded random weights (it is never trained): its outputs already tell every
-word and position apart, and the experts' text projections learn to read them during SFT.
+The encoder starts from seeded random weights and is taught the grammar once by the build
+(``pretrain_text_encoder``: every output token must carry the whole parse), then frozen: SFT and RL
+train only the experts, whose text projections learn to read it.
 """
 
 from __future__ import annotations
