@@ -1,7 +1,8 @@
 """Build the Shapes base model: deterministic, about 70 minutes on 2 CPU cores (30 for the VAE, 38 for the
 text encoder and twelve thousand SFT steps). ``make shapes-base-full`` runs all of it; ``make shapes-base``
 reuses the shipped base's VAE (``--vae_from``) and so skips step 1, writing the shipped weights byte for byte
-on the CPU that built them (another CPU rounds differently and ends with other experts of the same quality).
+on the CPU that built them (an Intel Xeon rounds differently and ends with another high-noise expert of the
+same quality).
 
 1. A small AutoencoderKLWan learns to reconstruct Shapes clips, compressing time 4x as Wan2.2's do
    (9 frames -> 3 latent frames), warm-started from the previous base's VAE (``VAE_DEFAULTS``). It is
